@@ -1,0 +1,92 @@
+"""Integration: a study killed mid-way (SIGKILL of `scaling run`) completes with `scaling resume`:
+no completed trial runs again and every trial has exactly one MLflow child run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.test_study import tiny_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SCALING = str(Path(sys.executable).parent / "scaling")
+
+
+def finished_children(db: Path) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as con:
+        try:
+            rows = con.execute(
+                "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                "where t.key = 'scaling.role' and t.value = 'trial' and r.status = 'FINISHED'"
+            ).fetchone()
+        except sqlite3.OperationalError:  # schema not created yet
+            return 0
+    return int(rows[0])
+
+
+def result_lines(study_dir: Path) -> dict[str, int]:
+    """Reports Tune recorded per trial (a re-run trial would report its epochs again)."""
+    out = {}
+    for path in (study_dir / "tune").glob("trial_*/result.json"):
+        out[path.parent.name] = sum(1 for line in path.read_text().splitlines() if line.strip())
+    return out
+
+
+def test_killed_study_resumes_without_duplicates(tmp_path: Path) -> None:
+    spec = tiny_spec("resumable", trials=4, epochs=3)
+    spec["train"]["max_steps_per_epoch"] = 3
+    spec_path = tmp_path / "resumable.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    (tmp_path / "ray").mkdir()
+    proc = subprocess.Popen(
+        [SCALING, "run", str(spec_path), "--storage", str(tmp_path / "studies"), "--tracking-uri", f"sqlite:///{db}"],
+        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 240
+    while finished_children(db) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the study finished before it could be interrupted: " + (proc.stdout.read() if proc.stdout else "")
+    assert finished_children(db) >= 2, "no trial completed in time"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    proc.wait(timeout=30)
+    study_dir = next((tmp_path / "studies").iterdir())
+    assert not (study_dir / "trials.parquet").exists()
+    before = result_lines(study_dir)
+    done_before = {name for name, n in before.items() if n >= 3}
+    assert done_before, before
+
+    res = subprocess.run([SCALING, "resume", str(study_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    after = result_lines(study_dir)
+    for name in done_before:
+        assert after[name] == before[name], f"{name} ran again"
+    trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
+    assert len(trials) == 4 and all(r["status"] == "completed" for r in trials), trials
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("resumable")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`scaling.role` = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    kids = client.search_runs([exp.experiment_id], filter_string="tags.`scaling.role` = 'trial'")
+    names = sorted(r.data.tags["scaling.trial_id"] for r in kids)
+    assert names == sorted(r["trial_id"] for r in trials) and len(set(names)) == 4
+    for run in kids:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1")]
+        assert sorted(set(steps)) == [1, 2, 3], (run.data.tags["scaling.trial_id"], steps)
+    assert json.loads((study_dir / "study.json").read_text())["status"] == "finished"
