@@ -12,6 +12,7 @@ functions below and are reported as derived parameters; the config is never muta
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,7 +104,7 @@ class EpochMetrics:
     samples_seen: int
     wall_s: float
     throughput: float
-    lr: float
+    last_lr: float
     alignment: float
     uniformity: float
     effective_rank: float
@@ -130,7 +131,8 @@ class TrainState:
     history: list[dict[str, float | int]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """A snapshot (deep copy: later training steps do not change it)."""
+        return copy.deepcopy({
             "model": self.model.state_dict(),
             "loss": self.loss_fn.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -141,7 +143,7 @@ class TrainState:
             "samples_seen": self.samples_seen,
             "wall_s": self.wall_s,
             "history": list(self.history),
-        }
+        })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -254,6 +256,8 @@ def train(
             views = augment_views(images, t.views, aug, generator=ts.generator)  # (V, n, C, H, W)
             z = model(views.flatten(0, 1)).unflatten(0, (t.views, local_batch))
             loss = ts.loss_fn(z, index=batch_idx.to(device)) if needs_index else ts.loss_fn(z)
+            if t.fault_nan_at_step is not None and ts.step + 1 == t.fault_nan_at_step:
+                loss = loss * float("nan")  # injected fault: exercises the failure path end to end
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(epoch, i + 1, float(loss))
             ts.optimizer.zero_grad(set_to_none=True)
@@ -271,7 +275,7 @@ def train(
         evals = evaluate_epoch(cfg, ts.model, data, device) if rank == 0 else {}
         metrics = EpochMetrics(
             epoch=epoch, train_loss=epoch_loss, samples_seen=ts.samples_seen, wall_s=ts.wall_s,
-            throughput=steps * t.batch_size / train_s, lr=lr,
+            throughput=steps * t.batch_size / train_s, last_lr=lr,
             knn_top1=evals.get("knn_top1", float("nan")), alignment=evals.get("alignment", float("nan")),
             uniformity=evals.get("uniformity", float("nan")), effective_rank=evals.get("effective_rank", float("nan")),
             knn_top1_test=evals.get("knn_top1_test"), linear_top1=evals.get("linear_top1"),

@@ -59,6 +59,24 @@ HYPERPARAMETERS: dict[str, tuple[str, str]] = {
 }
 
 
+def loss_defaults(loss: str) -> dict[str, Any]:
+    """Default values of a loss's own parameters (from the loss family's LOSS_PARAMS table)."""
+    return {p: default for p, (_typ, default, _rng) in LOSS_PARAMS.get(loss, {}).items()}
+
+
+def _check_loss_params(loss: str, params: Mapping[str, Any]) -> None:
+    valid = LOSS_PARAMS.get(loss, {})
+    for p, v in params.items():
+        if p not in valid:
+            names = ", ".join(valid) or "none"
+            raise ValueError(f"{p!r} is not a parameter of loss {loss!r} (its parameters: {names})")
+        typ, _default, (low, high) = valid[p]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and not float(v).is_integer()):
+            raise ValueError(f"loss {loss!r} parameter {p!r} must be a {typ.__name__}, got {v!r}")
+        if not (low <= v <= high):
+            raise ValueError(f"loss {loss!r} parameter {p!r} must be in [{low}, {high}], got {v}")
+
+
 class SpecError(ValueError):
     """A spec that cannot run; the message names file, field, expectation and the value got."""
 
@@ -106,6 +124,9 @@ class TrainConfig(_Model):
     crop_min_scale: float = Field(default=0.2, gt=0.0, le=1.0)
     seed: int = Field(default=0, ge=0)
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap for smoke tests")
+    fault_nan_at_step: int | None = Field(
+        default=None, ge=1, description="fault injection: make the loss NaN at this global step (tests of failure handling)"
+    )
 
     @model_validator(mode="after")
     def _check_loss(self) -> "TrainConfig":
@@ -237,24 +258,6 @@ class StudySpec(_Model):
 # loading
 
 
-def loss_defaults(loss: str) -> dict[str, Any]:
-    """Default values of a loss's own parameters (from the loss family's LOSS_PARAMS table)."""
-    return {p: default for p, (_typ, default, _rng) in LOSS_PARAMS.get(loss, {}).items()}
-
-
-def _check_loss_params(loss: str, params: Mapping[str, Any]) -> None:
-    valid = LOSS_PARAMS.get(loss, {})
-    for p, v in params.items():
-        if p not in valid:
-            names = ", ".join(valid) or "none"
-            raise ValueError(f"{p!r} is not a parameter of loss {loss!r} (its parameters: {names})")
-        typ, _default, (low, high) = valid[p]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and not float(v).is_integer()):
-            raise ValueError(f"loss {loss!r} parameter {p!r} must be a {typ.__name__}, got {v!r}")
-        if not (low <= v <= high):
-            raise ValueError(f"loss {loss!r} parameter {p!r} must be in [{low}, {high}], got {v}")
-
-
 def _safe_load(path: Path) -> Any:
     try:
         text = path.read_bytes().decode("utf-8")
@@ -355,7 +358,7 @@ def _spec_error(file: str | Path | None, exc: ValidationError, prefix: str = "")
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
     # The discriminated union puts the kind into the path; drop pydantic's internal layers.
-    loc = [p for p in loc if p not in ("dims",)]
+    loc = [p for p in loc if p not in ("dims", "fixed", "uniform", "loguniform", "int", "intlog", "choice")]
     field = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<root>"
     got = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")

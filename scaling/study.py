@@ -31,13 +31,18 @@ from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray import tune
+from ray.tune.logger import JsonLoggerCallback
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from scaling.spec import StudySpec, SpecError, dump_resolved, is_remote_uri, load_spec
 from scaling.tracking import StudyTracker, resolve_tracking_uri
 
 TRIAL_RESOURCE = "scaling_trial"
 RESULT_KEYS = ("train_loss", "knn_top1", "knn_top1_test", "linear_top1", "linear_top1_test", "alignment", "uniformity",
-               "effective_rank", "samples_seen", "wall_s", "throughput", "lr")
+               "effective_rank", "samples_seen", "wall_s", "throughput", "last_lr")
 # Ray Train's controller polls workers every 2 s by default; per-epoch reports would stall on it.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_V2_ENABLED": "1", "RAY_AIR_NEW_OUTPUT": "0",
            "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_DEDUP_LOGS": "0"}
@@ -172,142 +177,138 @@ def _error_reason(trial: Any) -> str:
     return (lines[-1] if lines else "unknown error")[:1000]
 
 
-def _build_tracking_callback(spec_json: dict[str, Any], tracking_uri: str, study_dir: str, names: Sequence[str]) -> Any:
-    from ray import tune
+class TrackingCallback(tune.Callback):
+    """Owns every child run's lifecycle; logs params at start, each epoch in one batch."""
 
-    class TrackingCallback(tune.Callback):
-        """Owns every child run's lifecycle; logs params at start, each epoch in one batch."""
+    def __init__(self, spec_json: dict[str, Any], tracking_uri: str, study_dir: str, names: Sequence[str]) -> None:
+        self._args = (spec_json, tracking_uri, study_dir, list(names))
+        self._tracker: StudyTracker | None = None
 
-        def __init__(self) -> None:
-            self._tracker: StudyTracker | None = None
+    def __getstate__(self) -> dict[str, Any]:  # the MLflow client is rebuilt after a restore
+        return {"_args": self._args}
 
-        def __getstate__(self) -> dict[str, Any]:  # the MLflow client is rebuilt after a restore
-            return {}
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._args, self._tracker = state["_args"], None
 
-        def __setstate__(self, state: dict[str, Any]) -> None:
-            self._tracker = None
+    @property
+    def tracker(self) -> StudyTracker:
+        if self._tracker is None:
+            spec_json, tracking_uri, study_dir, _ = self._args
+            self._tracker = StudyTracker(StudySpec.model_validate(spec_json), tracking_uri=tracking_uri)
+            self._tracker.start_study(study_dir=Path(study_dir))
+        return self._tracker
 
-        @property
-        def tracker(self) -> StudyTracker:
-            if self._tracker is None:
-                self._tracker = StudyTracker(StudySpec.model_validate(spec_json), tracking_uri=tracking_uri)
-                self._tracker.start_study(study_dir=Path(study_dir))
-            return self._tracker
+    @property
+    def names(self) -> list[str]:
+        return self._args[3]
 
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            params = {k: v for k, v in trial.config.items() if k in names}
-            if "__trial_index__" in trial.config:
-                params["repeat"] = trial.config["__trial_index__"]
-            self.tracker.start_trial(_trial_name(trial), params)
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        params = {k: v for k, v in trial.config.items() if k in self.names}
+        if "__trial_index__" in trial.config:
+            params["repeat"] = trial.config["__trial_index__"]
+        self.tracker.start_trial(_trial_name(trial), params)
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            name = _trial_name(trial)
-            if self.tracker.child_run(name) is None:
-                self.on_trial_start(iteration, trials, trial)
-            derived = {k: v for k, v in result.items() if k.startswith("derived.")}
-            if derived:
-                self.tracker.log_params(name, derived)
-            metrics = {k: result[k] for k in RESULT_KEYS if k in result}
-            self.tracker.log_epoch(name, metrics, epoch=int(result.get("epoch", result.get("training_iteration", 0))))
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        name = _trial_name(trial)
+        if self.tracker.child_run(name) is None:
+            self.on_trial_start(iteration, trials, trial)
+        derived = {k: v for k, v in result.items() if k.startswith("derived.")}
+        if derived:
+            self.tracker.log_params(name, derived)
+        metrics = {k: result[k] for k in RESULT_KEYS if k in result}
+        self.tracker.log_epoch(name, metrics, epoch=int(result.get("epoch", result.get("training_iteration", 0))))
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            last = trial.last_result or {}
-            status = "completed" if last.get("epoch", 0) >= last.get("target_epochs", math.inf) else "pruned"
-            self.tracker.end_trial(_trial_name(trial), status=status)
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        last = trial.last_result or {}
+        status = "completed" if last.get("epoch", 0) >= last.get("target_epochs", math.inf) else "pruned"
+        self.tracker.end_trial(_trial_name(trial), status=status)
 
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            name = _trial_name(trial)
-            if self.tracker.child_run(name) is None:
-                self.on_trial_start(iteration, trials, trial)
-            self.tracker.end_trial(name, status="failed", reason=_error_reason(trial))
-
-    return TrackingCallback()
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        name = _trial_name(trial)
+        if self.tracker.child_run(name) is None:
+            self.on_trial_start(iteration, trials, trial)
+        self.tracker.end_trial(name, status="failed", reason=_error_reason(trial))
 
 
-def _build_progress_callback(spec: StudySpec, total: int, enabled: bool) -> Any:
-    from ray import tune
-    from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
+class ProgressCallback(tune.Callback):
+    """Live view: trials running/completed/pruned/failed, best so far with its config, elapsed, ETA."""
 
-    metric, mode = spec.search.metric, spec.search.mode
+    def __init__(self, spec_json: dict[str, Any], total: int, enabled: bool) -> None:
+        self._args = (spec_json, total, enabled)
+        self._spec = StudySpec.model_validate(spec_json)
+        self._searched = self._spec.space.searched()
+        self._live: Live | None = None
+        self._start = time.time()
+        self._best: tuple[float, str, dict] | None = None
 
-    class ProgressCallback(tune.Callback):
-        """Live view: trials running/completed/pruned/failed, best so far with its config, elapsed, ETA."""
+    def __getstate__(self) -> dict[str, Any]:  # consoles do not pickle; rebuilt after a restore
+        return {"_args": self._args}
 
-        def __init__(self) -> None:
-            self._live: Live | None = None
-            self._start = time.time()
-            self._best: tuple[float, str, dict] | None = None
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(*state["_args"])
 
-        def __getstate__(self) -> dict[str, Any]:
-            return {}
+    def setup(self, **info: Any) -> None:
+        self._start = time.time()
+        if self._args[2]:
+            self._live = Live(self._render([]), console=Console(stderr=True), refresh_per_second=2, transient=False)
+            self._live.start()
 
-        def __setstate__(self, state: dict[str, Any]) -> None:
-            self.__init__()
+    def _render(self, trials: list) -> Table:
+        counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0, "pending": 0}
+        for t in trials:
+            if t.status == "RUNNING":
+                counts["running"] += 1
+            elif t.status == "ERROR":
+                counts["failed"] += 1
+            elif t.status == "TERMINATED":
+                last = t.last_result or {}
+                counts["completed" if last.get("epoch", 0) >= last.get("target_epochs", math.inf) else "pruned"] += 1
+            else:
+                counts["pending"] += 1
+        done = counts["completed"] + counts["pruned"] + counts["failed"]
+        elapsed = time.time() - self._start
+        total = self._args[1]
+        eta = (elapsed / done * (total - done)) if done else float("nan")
+        table = Table(title=f"study {self._spec.name}", show_header=False, expand=False)
+        table.add_row("trials", f"{done}/{total} done · {counts['running']} running · {counts['completed']} completed · "
+                                f"{counts['pruned']} pruned · {counts['failed']} failed")
+        if self._best:
+            value, name, cfg = self._best
+            short = ", ".join(f"{k}={_fmt(v)}" for k, v in cfg.items())
+            table.add_row(f"best {self._spec.search.metric}", f"{value:.4f} ({name}: {short})")
+        table.add_row("elapsed / ETA", f"{_hms(elapsed)} / {_hms(eta) if math.isfinite(eta) else '?'}")
+        return table
 
-        def setup(self, **info: Any) -> None:
-            self._start = time.time()
-            if enabled:
-                self._live = Live(self._render([]), console=Console(stderr=True), refresh_per_second=2, transient=False)
-                self._live.start()
+    def _update(self, trials: list) -> None:
+        if self._live is not None:
+            self._live.update(self._render(trials))
 
-        def _render(self, trials: list) -> Table:
-            counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0, "pending": 0}
-            for t in trials:
-                if t.status == "RUNNING":
-                    counts["running"] += 1
-                elif t.status == "ERROR":
-                    counts["failed"] += 1
-                elif t.status == "TERMINATED":
-                    last = t.last_result or {}
-                    counts["completed" if last.get("epoch", 0) >= last.get("target_epochs", math.inf) else "pruned"] += 1
-                else:
-                    counts["pending"] += 1
-            done = counts["completed"] + counts["pruned"] + counts["failed"]
-            elapsed = time.time() - self._start
-            eta = (elapsed / done * (total - done)) if done else float("nan")
-            table = Table(title=f"study {spec.name}", show_header=False, expand=False)
-            table.add_row("trials", f"{done}/{total} done · {counts['running']} running · {counts['completed']} completed · "
-                                    f"{counts['pruned']} pruned · {counts['failed']} failed")
-            if self._best:
-                value, name, cfg = self._best
-                short = ", ".join(f"{k}={_fmt(v)}" for k, v in cfg.items())
-                table.add_row(f"best {metric}", f"{value:.4f} ({name}: {short})")
-            table.add_row("elapsed / ETA", f"{_hms(elapsed)} / {_hms(eta) if math.isfinite(eta) else '?'}")
-            return table
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        value = result.get(self._spec.search.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            best = self._best[0] if self._best else None
+            if best is None or (value > best if self._spec.search.mode == "max" else value < best):
+                cfg = {k: v for k, v in trial.config.items() if k in self._searched}
+                self._best = (float(value), _trial_name(trial), cfg)
+        self._update(trials)
 
-        def _update(self, trials: list) -> None:
-            if self._live is not None:
-                self._live.update(self._render(trials))
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trials)
+        if not self._args[2]:
+            print(f"[scaling] trial {_trial_name(trial)} finished", flush=True)
 
-        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-            value = result.get(metric)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                if self._best is None or (value > self._best[0] if mode == "max" else value < self._best[0]):
-                    cfg = {k: v for k, v in trial.config.items() if k in spec.space.searched()}
-                    self._best = (float(value), _trial_name(trial), cfg)
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trials)
+        print(f"[scaling] trial {_trial_name(trial)} failed: {_error_reason(trial)}", flush=True)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if iteration % 20 == 0:
             self._update(trials)
 
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trials)
-            if not enabled:
-                print(f"[scaling] trial {_trial_name(trial)} finished", flush=True)
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._update(trials)
-            print(f"[scaling] trial {_trial_name(trial)} failed: {_error_reason(trial)}", flush=True)
-
-        def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-            if iteration % 20 == 0:
-                self._update(trials)
-
-        def on_experiment_end(self, trials: list, **info: Any) -> None:
-            self._update(trials)
-            if self._live is not None:
-                self._live.stop()
-
-    return ProgressCallback()
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._update(trials)
+        if self._live is not None:
+            self._live.stop()
 
 
 def _fmt(v: Any) -> str:
@@ -319,21 +320,24 @@ def _hms(s: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-class TrialNamer:
-    """Deterministic trial names ``trial_0000``... in creation order, continuing after a restore."""
+class SpaceSampler:
+    """Picklable define-by-run function for OptunaSearch (Tune checkpoints the searcher)."""
 
-    def __init__(self, train_storage: str) -> None:
-        self.train_storage = train_storage
-        self._next: int | None = None
+    def __init__(self, space: Any) -> None:
+        self.space = space
 
-    def __call__(self, trial: Any) -> str:
-        if self._next is None:
-            tune_dir = Path(self.train_storage).parent / "tune"
-            existing = [int(m.group(1)) for p in tune_dir.glob("*trial_*") if (m := re.search(r"trial_(\d+)", p.name))]
-            self._next = max(existing, default=-1) + 1
-        name = f"trial_{self._next:04d}"
-        self._next += 1
-        return name
+    def __call__(self, trial: Any) -> dict[str, Any]:
+        from scaling.space import suggest
+
+        # The Optuna trial number names the Tune trial: deterministic, and it survives a restore.
+        return {**suggest(trial, self.space), "__number__": trial.number}
+
+
+def trial_name(trial: Any) -> str:
+    """Deterministic trial names: ``trial_0007`` from the Optuna trial number (``_r1`` for seed repeats)."""
+    number = int(trial.config.get("__number__", 0))
+    repeat = trial.config.get("__trial_index__")
+    return f"trial_{number:04d}" + (f"_r{repeat}" if repeat is not None else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,8 +379,6 @@ def _build_tuner(spec: StudySpec, *, study_dir: Path, tracking_uri: str, concurr
     from ray.tune.search import ConcurrencyLimiter, Repeater
     from ray.tune.search.optuna import OptunaSearch
 
-    from scaling.space import suggest
-
     space = spec.space
     names = space.names()
     r = spec.resources
@@ -392,7 +394,7 @@ def _build_tuner(spec: StudySpec, *, study_dir: Path, tracking_uri: str, concurr
         return tune.Tuner.restore(str(study_dir / "tune"), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     metric, mode = _objective(spec)
-    searcher: Any = OptunaSearch(space=lambda trial: suggest(trial, space), metric=metric, mode=mode,
+    searcher: Any = OptunaSearch(space=SpaceSampler(space), metric=metric, mode=mode,
                                  sampler=_sampler(spec))
     if spec.search.repeats > 1:
         searcher = Repeater(searcher, repeat=spec.search.repeats, set_index=True)
@@ -404,15 +406,17 @@ def _build_tuner(spec: StudySpec, *, study_dir: Path, tracking_uri: str, concurr
                                        reduction_factor=sched.reduction_factor)
     else:
         scheduler = FIFOScheduler()
+    spec_json = spec.model_dump(mode="json")
     callbacks = [
-        _build_tracking_callback(spec.model_dump(mode="json"), tracking_uri, str(study_dir), names),
-        _build_progress_callback(spec, num_samples(spec), progress),
+        JsonLoggerCallback(),  # result.json per trial: the per-epoch curves of the TrialTable
+        TrackingCallback(spec_json, tracking_uri, str(study_dir), names),
+        ProgressCallback(spec_json, num_samples(spec), progress),
     ]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples(spec),
-                                    max_concurrent_trials=concurrent, trial_name_creator=TrialNamer(train_storage),
-                                    trial_dirname_creator=TrialNamer(train_storage)),
+                                    trial_name_creator=trial_name,
+                                    trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name="tune", storage_path=str(study_dir), callbacks=callbacks, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -567,6 +571,7 @@ def results_to_tables(grid: Any, spec: StudySpec) -> tuple[pa.Table, pa.Table]:
         for key in RESULT_KEYS:
             row[key] = _num(last.get(key))
         row["epochs_completed"] = int(last.get("epoch", 0) or 0)
+        row["trial_wall_s"] = _num(last.get("time_total_s"))
         row["flops_per_image"] = _num(last.get("derived.flops_per_image")) or _first(history, "derived.flops_per_image")
         row["failure_reason"] = _result_error(result) if result.error else None
         row[metric] = _num(last.get(metric))

@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import write_token
 from tests.test_study import tiny_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -51,8 +52,8 @@ def test_killed_study_resumes_without_duplicates(tmp_path: Path) -> None:
     spec_path = tmp_path / "resumable.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     db = tmp_path / "mlflow.db"
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
     (tmp_path / "ray").mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "RAY_AUTH_TOKEN_PATH": str(write_token(tmp_path / "token"))}
     proc = subprocess.Popen(
         [SCALING, "run", str(spec_path), "--storage", str(tmp_path / "studies"), "--tracking-uri", f"sqlite:///{db}"],
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
