@@ -73,6 +73,7 @@ class StudyTracker:
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self._children: dict[str, str] = {}
+        self._logged_epochs: dict[str, set[int]] = {}
 
     # -- study ------------------------------------------------------------------------------
 
@@ -160,6 +161,8 @@ class StudyTracker:
         assert self.experiment_id and self.parent_run_id, "start_study first"
         run_id = self._children.get(trial_id)
         if run_id is not None:
+            history = self.client.get_metric_history(run_id, "epoch")
+            self._logged_epochs[trial_id] = {int(m.step) for m in history}
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, "scaling.status", "running")
             return run_id
@@ -183,7 +186,11 @@ class StudyTracker:
     def log_epoch(self, trial_id: str, metrics: Mapping[str, float], *, epoch: int) -> None:
         """Per-epoch metrics with step = epoch. Re-logging an epoch after a restore is skipped."""
         run_id = self._children[trial_id]
-        self._log_metrics(run_id, metrics, step=epoch)
+        logged = self._logged_epochs.setdefault(trial_id, set())
+        if epoch in logged:
+            return
+        self._log_metrics(run_id, {**metrics, "epoch": epoch}, step=epoch)
+        logged.add(epoch)
 
     def end_trial(self, trial_id: str, *, status: str, reason: str | None = None,
                   final: Mapping[str, float] | None = None) -> None:

@@ -54,5 +54,10 @@ def train_fn(config: dict[str, Any]) -> None:
             torch.save(ts.state_dict(), Path(tmp) / CHECKPOINT_FILE)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    if state is not None and state["epoch"] >= cfg.train.epochs and state["history"]:
+        # Finished before the driver could record it (e.g. the study was killed): report the final
+        # epoch again so Tune and the searcher get the trial's result; the tracker skips known epochs.
+        ray.train.report({**state["history"][-1], "target_epochs": cfg.train.epochs}, checkpoint=None)
+        return
     prepare = ray.train.torch.prepare_model if dist.world_size() > 1 else None
     train(cfg, data=data, device=device, state=state, on_epoch=on_epoch, prepare_model=prepare)

@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,26 +25,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCALING = str(Path(sys.executable).parent / "scaling")
 
 
-def finished_children(db: Path) -> int:
+def finished_children(db: Path) -> set[str]:
+    """Trial ids whose MLflow child run the study closed as FINISHED."""
     if not db.exists():
-        return 0
+        return set()
     with sqlite3.connect(db) as con:
         try:
             rows = con.execute(
-                "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
-                "where t.key = 'scaling.role' and t.value = 'trial' and r.status = 'FINISHED'"
-            ).fetchone()
+                "select t.value from runs r join tags t on t.run_uuid = r.run_uuid "
+                "where t.key = 'scaling.trial_id' and r.status = 'FINISHED'"
+            ).fetchall()
         except sqlite3.OperationalError:  # schema not created yet
-            return 0
-    return int(rows[0])
+            return set()
+    return {r[0] for r in rows}
 
 
-def result_lines(study_dir: Path) -> dict[str, int]:
-    """Reports Tune recorded per trial (a re-run trial would report its epochs again)."""
-    out = {}
-    for path in (study_dir / "tune").glob("trial_*/result.json"):
-        out[path.parent.name] = sum(1 for line in path.read_text().splitlines() if line.strip())
-    return out
+def checkpoints(study_dir: Path, trial: str) -> list[str]:
+    """A trial's Ray Train checkpoint directories: training again would write new ones."""
+    return sorted(p.name for p in (study_dir / "train" / trial).glob("checkpoint_*"))
 
 
 def test_killed_study_resumes_without_duplicates(tmp_path: Path) -> None:
@@ -52,31 +51,30 @@ def test_killed_study_resumes_without_duplicates(tmp_path: Path) -> None:
     spec_path = tmp_path / "resumable.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     db = tmp_path / "mlflow.db"
-    (tmp_path / "ray").mkdir()
-    env = {**os.environ, "RAY_TMPDIR": str(tmp_path / "ray"), "RAY_AUTH_TOKEN_PATH": str(write_token(tmp_path / "token"))}
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_TOKEN_PATH": str(write_token(tmp_path / "token"))}
     proc = subprocess.Popen(
         [SCALING, "run", str(spec_path), "--storage", str(tmp_path / "studies"), "--tracking-uri", f"sqlite:///{db}"],
         cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.time() + 240
-    while finished_children(db) < 2 and time.time() < deadline and proc.poll() is None:
+    while len(finished_children(db)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     assert proc.poll() is None, "the study finished before it could be interrupted: " + (proc.stdout.read() if proc.stdout else "")
-    assert finished_children(db) >= 2, "no trial completed in time"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait(timeout=30)
+    done_before = finished_children(db)
+    assert len(done_before) >= 2, "no trial completed in time"
     study_dir = next((tmp_path / "studies").iterdir())
     assert not (study_dir / "trials.parquet").exists()
-    before = result_lines(study_dir)
-    done_before = {name for name, n in before.items() if n >= 3}
-    assert done_before, before
+    before = {t: checkpoints(study_dir, t) for t in done_before}
+    assert all(before.values()), before
 
     res = subprocess.run([SCALING, "resume", str(study_dir)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
-    after = result_lines(study_dir)
     for name in done_before:
-        assert after[name] == before[name], f"{name} ran again"
+        assert checkpoints(study_dir, name) == before[name], f"{name} trained again"
     trials = pq.read_table(study_dir / "trials.parquet").to_pylist()
     assert len(trials) == 4 and all(r["status"] == "completed" for r in trials), trials
 
@@ -89,5 +87,5 @@ def test_killed_study_resumes_without_duplicates(tmp_path: Path) -> None:
     assert names == sorted(r["trial_id"] for r in trials) and len(set(names)) == 4
     for run in kids:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1")]
-        assert sorted(set(steps)) == [1, 2, 3], (run.data.tags["scaling.trial_id"], steps)
+        assert sorted(steps) == [1, 2, 3], (run.data.tags["scaling.trial_id"], steps)  # no gap, no duplicate
     assert json.loads((study_dir / "study.json").read_text())["status"] == "finished"

@@ -73,7 +73,7 @@ BAD = [
     ({"search": {"space": {"loss": {"kind": "choice", "values": {"infonce": {"mu": {"kind": "uniform", "low": 0, "high": 1}}}}}}},
      "search.space.loss.values.infonce.mu", "not a parameter of loss 'infonce'"),
     ({"search": {"space": {"temperature": {"kind": "uniform", "low": 1.0, "high": 0.5}}}}, "search.space.temperature", "low must be < high"),
-    ({"search": {"space": {"batch_size": {"kind": "choice", "values": []}}}}, "search.space.batch_size", "at least 1"),
+    ({"search": {"space": {"batch_size": {"kind": "choice", "values": []}}}}, "search.space.batch_size.values", "at least 1"),
     ({"search": {"space": {"colour": {"kind": "uniform", "low": 0, "high": 1}}}}, "search.space.colour", "unknown hyperparameter"),
     ({"search": {"space": "missing.yaml"}}, "search.space", "not found"),
     ({"search": {"space": {}, "split": "train"}}, "search.split", "validation split"),
