@@ -163,7 +163,8 @@ def build_model(cfg: TrialConfig) -> ContrastiveModel:
 
 
 def augment_config(cfg: TrialConfig) -> AugmentConfig:
-    return AugmentConfig(strength=cfg.train.augment_strength, crop_scale=(cfg.train.crop_min_scale, 1.0))
+    t = cfg.train
+    return AugmentConfig(strength=t.augment_strength, crop_scale=(t.crop_min_scale, 1.0), rotation=t.rotation)
 
 
 def _optimizer(cfg: TrialConfig, params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:

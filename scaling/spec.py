@@ -55,6 +55,7 @@ HYPERPARAMETERS: dict[str, tuple[str, str]] = {
     "lr_scaling": ("train", "lr_scaling"),
     "augment_strength": ("train", "augment_strength"),
     "crop_min_scale": ("train", "crop_min_scale"),
+    "rotation": ("train", "rotation"),
     "seed": ("train", "seed"),
 }
 
@@ -122,6 +123,7 @@ class TrainConfig(_Model):
     base_batch_size: int = Field(default=256, ge=1)
     augment_strength: float = Field(default=1.0, ge=0.0, le=2.0)
     crop_min_scale: float = Field(default=0.2, gt=0.0, le=1.0)
+    rotation: float = Field(default=0.0, ge=0.0, le=180.0, description="max degrees of random rotation (augmentation)")
     seed: int = Field(default=0, ge=0)
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap for smoke tests")
     fault_nan_at_step: int | None = Field(

@@ -143,6 +143,29 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
         ),
     )
     trainer.fit()
+    _drain_train_reports()
+
+
+def _drain_train_reports(timeout_s: float = 120.0) -> None:
+    """Wait until Tune has taken every report Ray Train relayed to this trial.
+
+    Works around a race in Ray 2.60's Train-inside-Tune bridge: when the trainable returns while a
+    report still sits in the inter-actor queue, Tune's final "function returned" result fills the
+    one-slot result queue first and relaying the pending report then blocks forever (seen under
+    load: the trial stays RUNNING with its driver parked in ``Queue.put``).
+    """
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    queue = getattr(session, "_inter_actor_queue", None)
+    if session is None or queue is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 3:
+        idle = queue.empty() and session.result_queue.empty()
+        quiet = quiet + 1 if idle else 0
+        time.sleep(0.1)
 
 
 def trial_config(base: Any, config: dict[str, Any], names: Sequence[str]) -> Any:

@@ -90,3 +90,19 @@ def test_same_seed_same_configs_and_metrics(ray_local: None, tmp_path: Path) -> 
     a, b = ([{k: r.get(k) for k in keep} for r in t.to_pylist()] for t in tables)
     assert [r["temperature"] for r in a] == [r["temperature"] for r in b]
     assert a == b
+
+
+def test_study_against_a_real_mlflow_server(ray_local: None, mlflow_server: str, tmp_path: Path) -> None:
+    """The same layout through an http tracking server (what a cluster uses)."""
+    spec = spec_from_dict(tiny_spec("via-server", trials=2))
+    result = run_study(spec, storage=tmp_path / "studies", tracking_uri=mlflow_server, progress=False)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("via-server")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.experiment_id == exp.experiment_id
+    kids = children(client, exp.experiment_id, result.parent_run_id)
+    assert sorted(r.data.tags["scaling.trial_id"] for r in kids) == ["trial_0000", "trial_0001"]
+    assert all(len(client.get_metric_history(r.info.run_id, "knn_top1")) == 2 for r in kids)
+    arts = {a.path for a in client.list_artifacts(result.parent_run_id, "tables")}
+    assert arts == {"tables/trials.parquet", "tables/curves.parquet"}
+    assert result.ui_hint.startswith(f"open {mlflow_server}/#/experiments/")
