@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 study: setup
-	$(BIN)/scaling run jobs/quickstart.yaml
+	$(BIN)/scaling run jobs/quickstart.yaml --analyze
 
 test: setup
 	$(BIN)/python -m pytest -q tests
@@ -23,6 +23,8 @@ test: setup
 bench: setup
 	$(BIN)/python -m benchmarks.augment
 	$(BIN)/python -m benchmarks.loss
+	$(BIN)/python -m benchmarks.analysis
+	$(BIN)/python -m benchmarks.overhead
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
