@@ -96,6 +96,9 @@ def _summary(result, spec) -> None:  # type: ignore[no-untyped-def]
         b = result.best
         cfg = ", ".join(f"{k}={b[k]}" for k in spec.space.searched() if b.get(k) is not None)
         out.print(f"best {spec.search.metric} = {b[spec.search.metric]:.4f} ({b['trial_id']}: {cfg})")
+        if spec.search.metric == "knn_top1":
+            gain = 100 * (b["knn_top1"] - result.raw_pixel_knn)
+            out.print(f"raw-pixel kNN top-1 = {result.raw_pixel_knn:.4f}: the best encoder is {gain:+.1f} points above raw pixels")
     out.print(f"study dir: {result.study_dir}")
     out.print(f"trial table: {result.study_dir / 'trials.parquet'}, curves: {result.study_dir / 'curves.parquet'}")
     out.print(f"MLflow experiment {spec.experiment} (parent run {result.parent_run_id}); browse with:")

@@ -58,6 +58,7 @@ class StudyResult:
     trials: pa.Table
     curves: pa.Table
     best: dict[str, Any] | None
+    raw_pixel_knn: float
     tracking_uri: str
     experiment_id: str | None
     parent_run_id: str | None
@@ -533,7 +534,7 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
         trials, curves = results_to_tables(grid, spec)
         write_tables(study_dir, trials, curves)
         best = best_trial(trials, spec)
-        summary = {"trials_total": trials.num_rows, **_status_counts(trials)}
+        summary = {"trials_total": trials.num_rows, **_status_counts(trials), "raw_pixel_knn_top1": raw_baseline(spec)}
         if best:
             summary[f"best_{spec.search.metric}"] = best[spec.search.metric]
             summary["best_trial"] = best["trial_id"]
@@ -543,12 +544,19 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
         info.update(status="finished")
         _write_json(study_dir / "study.json", info)
         tracker.end_study(status="FINISHED", summary=summary)
-        return StudyResult(study_dir, trials, curves, best, tracking_uri, tracker.experiment_id,
+        return StudyResult(study_dir, trials, curves, best, summary["raw_pixel_knn_top1"], tracking_uri, tracker.experiment_id,
                            tracker.parent_run_id, tracker.experiment_url_hint())
     except BaseException:
         if status != "FINISHED":
             tracker.end_study(status="KILLED")
         raise
+
+
+def raw_baseline(spec: StudySpec) -> float:
+    """Validation kNN top-1 on raw pixels: the floor every trial's encoder is compared with."""
+    from scaling.loop import load_data, raw_pixel_knn
+
+    return raw_pixel_knn(load_data(spec.trial), k=spec.eval.knn_k, temperature=spec.eval.knn_temperature)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -117,3 +117,9 @@ def test_spec_hash_is_stable(tmp_path: Path) -> None:
     path = write(tmp_path, base())
     assert load_spec(path).spec_hash() == load_spec(path).spec_hash()
     assert load_spec(path, ["train.lr=0.01"]).spec_hash() != load_spec(path).spec_hash()
+
+
+@pytest.mark.parametrize("space", sorted((ROOT / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_search_spaces_validate(tmp_path: Path, space: Path) -> None:
+    spec = load_spec(write(tmp_path, base(search={"space": str(space), "trials": 2})))
+    assert spec.space.searched()
