@@ -164,7 +164,8 @@ def build_model(cfg: TrialConfig) -> ContrastiveModel:
 
 def augment_config(cfg: TrialConfig) -> AugmentConfig:
     t = cfg.train
-    return AugmentConfig(strength=t.augment_strength, crop_scale=(t.crop_min_scale, 1.0), rotation=t.rotation)
+    return AugmentConfig(strength=t.augment_strength, crop_scale=(t.crop_min_scale, 1.0), rotation=t.rotation,
+                         blur_p=t.blur_p)
 
 
 def _optimizer(cfg: TrialConfig, params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
@@ -192,7 +193,8 @@ def build_state(cfg: TrialConfig, *, num_train: int, device: torch.device | str 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     model = build_model(cfg).to(device)
     t = cfg.train
-    loss_fn = build_loss(t.loss, temperature=t.temperature, dataset_size=num_train, **t.loss_params).to(device)
+    loss_fn = build_loss(t.loss, temperature=t.temperature, dataset_size=num_train, dim=cfg.model.proj_dim,
+                         **t.loss_params).to(device)
     params = list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
     peak = scaled_lr(t.lr, t.batch_size, base_batch_size=t.base_batch_size, rule=t.lr_scaling)
     optimizer = _optimizer(cfg, params, peak)

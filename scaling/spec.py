@@ -56,6 +56,7 @@ HYPERPARAMETERS: dict[str, tuple[str, str]] = {
     "augment_strength": ("train", "augment_strength"),
     "crop_min_scale": ("train", "crop_min_scale"),
     "rotation": ("train", "rotation"),
+    "blur_p": ("train", "blur_p"),
     "seed": ("train", "seed"),
 }
 
@@ -86,16 +87,21 @@ class SpecError(ValueError):
         super().__init__(f"{self.file}: {field}: {message}")
 
 
+# numpy's and Optuna's RandomState take seeds below 2**32; torch overflows on larger ones at run time.
+MAX_SEED = 2**32 - 1
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan would pass one-sided bounds (``gt=1``) and fail only once a trial runs.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DataConfig(_Model):
     name: Literal[DATASET_NAMES] = "shapes"  # type: ignore[valid-type]
     root: str | None = None
-    size: int | None = Field(default=None, ge=20)
+    size: int | None = Field(default=None, ge=20, le=10_000_000, description="images held in memory")
     image_size: int = Field(default=32, ge=8, le=512)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     val_fraction: float = Field(default=0.1, gt=0.0, lt=0.5)
     fraction: float = Field(default=1.0, gt=0.0, le=1.0)
 
@@ -124,7 +130,8 @@ class TrainConfig(_Model):
     augment_strength: float = Field(default=1.0, ge=0.0, le=2.0)
     crop_min_scale: float = Field(default=0.2, gt=0.0, le=1.0)
     rotation: float = Field(default=0.0, ge=0.0, le=180.0, description="max degrees of random rotation (augmentation)")
-    seed: int = Field(default=0, ge=0)
+    blur_p: float = Field(default=0.5, ge=0.0, le=1.0, description="probability of Gaussian blur (SimCLR omits it on CIFAR)")
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap for smoke tests")
     fault_nan_at_step: int | None = Field(
         default=None, ge=1, description="fault injection: make the loss NaN at this global step (tests of failure handling)"
@@ -191,7 +198,7 @@ class SearchConfig(_Model):
     sampler: Literal[SAMPLERS] = "tpe"  # type: ignore[valid-type]
     trials: int = Field(default=8, ge=1, le=100_000)
     repeats: int = Field(default=1, ge=1, le=100)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     metric: Literal[METRICS] = "knn_top1"  # type: ignore[valid-type]
     mode: Literal["max", "min"] = "max"
     split: Literal["val", "train", "test"] = "val"
@@ -269,12 +276,43 @@ def _safe_load(path: Path) -> Any:
         raise SpecError(path, "<file>", "expected a YAML file, got a directory") from None
     except UnicodeDecodeError as exc:
         raise SpecError(path, "<file>", f"expected UTF-8 text, got undecodable bytes at offset {exc.start}") from None
+    except OSError as exc:  # permission denied, name too long, ...
+        raise SpecError(path, "<file>", f"cannot read the file ({exc.strerror or exc})") from None
     try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        _check_duplicate_keys(path, node)
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         loc = f"line {where.line + 1}, column {where.column + 1}: " if where else ""
         raise SpecError(path, "<yaml>", f"{loc}not valid safe YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise SpecError(path, "<yaml>", "nested too deeply to be a spec") from None
+    except (ValueError, LookupError, TypeError, OverflowError) as exc:  # PyYAML constructors: `!!float` (empty), `!!bool maybe`
+        raise SpecError(path, "<yaml>", f"not valid safe YAML (a tagged value cannot be read: {type(exc).__name__}: {exc})") from None
+
+
+def _check_duplicate_keys(path: Path, root: yaml.Node | None) -> None:
+    """PyYAML keeps the last of two equal keys silently; a spec that says a thing twice is refused."""
+    stack: list[tuple[yaml.Node, str]] = [(root, "")] if root is not None else []
+    seen_nodes: set[int] = set()  # anchors/aliases share nodes (and may be recursive)
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys: set[str] = set()
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+                field = f"{where}.{name}" if where else name
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in keys:
+                        raise SpecError(path, field, f"line {key.start_mark.line + 1}: duplicate key (YAML would keep only the last value)")
+                    keys.add(key.value)
+                stack.append((value, field))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}.{i}" if where else str(i)) for i, item in enumerate(node.value))
 
 
 def _parse_value(text: str) -> Any:
@@ -295,14 +333,20 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str], file: Path | 
         key, text = item.split("=", 1)
         key, value = key.strip(), _parse_value(text.strip())
         if key in HYPERPARAMETERS or key.startswith("loss."):
-            space = raw.setdefault("search", {}).get("space")
-            if isinstance(space, dict):
-                space.pop(key, None)
+            search = raw.get("search")
+            if isinstance(search, dict) and isinstance(search.get("space"), dict):
+                search["space"].pop(key, None)
+            sec, fld = ("train", "loss_params") if key.startswith("loss.") else HYPERPARAMETERS[key]
+            section = raw.setdefault(sec, {})
+            if not isinstance(section, dict):
+                raise SpecError(file, sec, f"expected a mapping (to apply --set {key}), got {type(section).__name__}")
             if key.startswith("loss."):
-                raw.setdefault("train", {}).setdefault("loss_params", {})[key[5:]] = value
+                params = section.setdefault("loss_params", {})
+                if not isinstance(params, dict):
+                    raise SpecError(file, "train.loss_params", f"expected a mapping (to apply --set {key}), got {type(params).__name__}")
+                params[key[5:]] = value
                 continue
-            sec, fld = HYPERPARAMETERS[key]
-            raw.setdefault(sec, {})[fld] = value
+            section[fld] = value
             continue
         node = raw
         parts = key.split(".")
@@ -329,14 +373,23 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> StudySpec:
 
 def spec_from_dict(raw: dict[str, Any], *, file: str | Path | None = None) -> StudySpec:
     """Validate an already-loaded spec mapping (search-space paths resolve relative to ``file``)."""
-    raw = copy.deepcopy(raw)
+    if not isinstance(raw, dict):
+        raise SpecError(file, "<root>", f"expected a mapping with at least 'name', got {type(raw).__name__}")
+    try:
+        raw = copy.deepcopy(raw)
+    except RecursionError:
+        raise SpecError(file, "<root>", "nested too deeply to be a spec") from None
     space_file = file
     search = raw.get("search")
     if isinstance(search, dict) and isinstance(search.get("space"), str):
         base = Path(file).parent if file else Path.cwd()
-        space_path = (base / search["space"]).resolve()
+        try:
+            space_path = (base / search["space"]).resolve()
+            is_file = space_path.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+            space_path, is_file = base / search["space"], False
         space_file = space_path
-        if not space_path.is_file():
+        if not is_file:
             raise SpecError(file, "search.space", f"search-space file not found: {space_path}")
         loaded = _safe_load(space_path)
         if not isinstance(loaded, dict):
@@ -361,9 +414,15 @@ def _spec_error(file: str | Path | None, exc: ValidationError, prefix: str = "")
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged-union"))]
     # The discriminated union puts the kind into the path; drop pydantic's internal layers.
     loc = [p for p in loc if p not in ("dims", "fixed", "uniform", "loguniform", "int", "intlog", "choice")]
+    # A union of scalars (a choice/fixed value, a loss parameter): pydantic names the member it tried.
+    scalar_union = bool(loc) and loc[-1] in ("bool", "float", "str")
+    if scalar_union or (loc and loc[-1] == "[key]"):
+        loc = loc[:-1]
     field = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<root>"
     got = err.get("input")
     msg = err["msg"].removeprefix("Value error, ")
+    if scalar_union and err["type"] in ("bool_type", "float_type", "string_type"):
+        msg = "expected a number, a string or a boolean"
     if err["type"] == "extra_forbidden":
         msg = "unknown key (not allowed here)"
     elif err["type"] == "missing":
