@@ -90,6 +90,7 @@ class AugmentConfig:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     strength: float = 1.0
+    channel_shuffle_p: float = 0.0  # probability of a random RGB channel permutation (breaks colour identity)
     rotation: float = 0.0  # max degrees of a random rotation about the crop centre (0: off, SimCLR's default)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
@@ -109,7 +110,7 @@ class AugmentConfig:
         sigma = _pair(self.blur_sigma, "blur_sigma")
         if not sigma[0] > 0.0:
             raise ValueError(f"AugmentConfig.blur_sigma must be positive, got {self.blur_sigma!r}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p"):
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "channel_shuffle_p"):
             _probability(getattr(self, name), name)
         for name in ("brightness", "contrast", "saturation", "hue", "strength"):
             if not getattr(self, name) >= 0.0:
@@ -142,15 +143,18 @@ class _Params(NamedTuple):
     grayscale: torch.Tensor  # (B,) bool
     sigma: torch.Tensor  # (B,) blur sigma, 0 where blur is off
     angle: torch.Tensor  # (B,) rotation in radians
+    perm: torch.Tensor  # (B,) index into _PERMS, 0 (identity) where the shuffle is off
 
 
 # Column layout of the single uniform draw behind _sample_params.
 _C_AREA = slice(0, _CROP_ATTEMPTS)
 _C_RATIO = slice(_CROP_ATTEMPTS, 2 * _CROP_ATTEMPTS)
-_C_X, _C_Y, _C_FLIP, _C_JITTER, _C_B, _C_C, _C_S, _C_H, _C_GRAY, _C_BLUR, _C_SIGMA, _C_ROT = range(
-    2 * _CROP_ATTEMPTS, 2 * _CROP_ATTEMPTS + 12
+_C_X, _C_Y, _C_FLIP, _C_JITTER, _C_B, _C_C, _C_S, _C_H, _C_GRAY, _C_BLUR, _C_SIGMA, _C_ROT, _C_SHUF, _C_PERM = range(
+    2 * _CROP_ATTEMPTS, 2 * _CROP_ATTEMPTS + 14
 )
-_N_UNIFORMS = 2 * _CROP_ATTEMPTS + 12
+_N_UNIFORMS = 2 * _CROP_ATTEMPTS + 14
+# The 6 permutations of RGB; index 0 is the identity.
+_PERMS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
 def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -210,6 +214,8 @@ def _sample_params(
         grayscale=u[:, _C_GRAY] < config.grayscale_p,
         sigma=sigma,
         angle=_uniform(u[:, _C_ROT], -1.0, 1.0) * math.radians(config.rotation),
+        perm=torch.where(u[:, _C_SHUF] < config.channel_shuffle_p,
+                         (u[:, _C_PERM] * 5).long().clamp_(max=4) + 1, 0),  # a non-identity permutation
     )
 
 
@@ -445,6 +451,9 @@ def _augment(
             _adjust_hue_(x, params.hue)
     if config.grayscale_p > 0:
         _grayscale_(x, params.grayscale)
+    if config.channel_shuffle_p > 0 and c == 3:
+        order = torch.tensor(_PERMS, device=x.device)[params.perm]  # (B, 3)
+        x = x.gather(1, order.view(-1, 3, 1, 1).expand_as(x))
     if config.blur_p > 0:
         _gaussian_blur_(x, params.sigma, _blur_kernel_size(size))
     return _normalize_(x, config).view(views, n, c, size, size)

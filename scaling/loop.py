@@ -165,7 +165,7 @@ def build_model(cfg: TrialConfig) -> ContrastiveModel:
 def augment_config(cfg: TrialConfig) -> AugmentConfig:
     t = cfg.train
     return AugmentConfig(strength=t.augment_strength, crop_scale=(t.crop_min_scale, 1.0), rotation=t.rotation,
-                         blur_p=t.blur_p)
+                         blur_p=t.blur_p, channel_shuffle_p=t.channel_shuffle_p)
 
 
 def _optimizer(cfg: TrialConfig, params: list[tuple[str, nn.Parameter]], lr: float) -> torch.optim.Optimizer:
@@ -262,7 +262,7 @@ def train(
             if t.fault_nan_at_step is not None and ts.step + 1 == t.fault_nan_at_step:
                 loss = loss * float("nan")  # injected fault: exercises the failure path end to end
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(epoch, i + 1, float(loss))
+                raise NonFiniteLossError(epoch, i + 1, float(loss.detach()))
             ts.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             ts.optimizer.step()

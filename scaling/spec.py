@@ -57,6 +57,7 @@ HYPERPARAMETERS: dict[str, tuple[str, str]] = {
     "crop_min_scale": ("train", "crop_min_scale"),
     "rotation": ("train", "rotation"),
     "blur_p": ("train", "blur_p"),
+    "channel_shuffle_p": ("train", "channel_shuffle_p"),
     "seed": ("train", "seed"),
 }
 
@@ -130,6 +131,7 @@ class TrainConfig(_Model):
     augment_strength: float = Field(default=1.0, ge=0.0, le=2.0)
     crop_min_scale: float = Field(default=0.2, gt=0.0, le=1.0)
     rotation: float = Field(default=0.0, ge=0.0, le=180.0, description="max degrees of random rotation (augmentation)")
+    channel_shuffle_p: float = Field(default=0.0, ge=0.0, le=1.0, description="probability of an RGB permutation")
     blur_p: float = Field(default=0.5, ge=0.0, le=1.0, description="probability of Gaussian blur (SimCLR omits it on CIFAR)")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap for smoke tests")
@@ -227,6 +229,15 @@ class TrackingConfig(_Model):
     uri: str | None = None
     experiment: str | None = None
 
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, v: str | None) -> str | None:
+        # The spec is copied verbatim into the study directory and the parent run's artifacts.
+        if v and redact_uri(v) != v:
+            raise ValueError("no credentials in the spec (it is saved with the study and logged to MLflow): set "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or pass --tracking-uri")
+        return v
+
 
 class StudySpec(_Model):
     """A validated study: what to train (``trial``), what to search, with which resources, tracked where."""
@@ -282,6 +293,8 @@ def _safe_load(path: Path) -> Any:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         _check_duplicate_keys(path, node)
         return yaml.safe_load(text)
+    except SpecError:
+        raise
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         loc = f"line {where.line + 1}, column {where.column + 1}: " if where else ""
@@ -420,6 +433,8 @@ def _spec_error(file: str | Path | None, exc: ValidationError, prefix: str = "")
         loc = loc[:-1]
     field = prefix + ".".join(loc) if loc else prefix.rstrip(".") or "<root>"
     got = err.get("input")
+    if isinstance(got, str):
+        got = redact_uri(got)  # error messages are printed and logged: never echo a password
     msg = err["msg"].removeprefix("Value error, ")
     if scalar_union and err["type"] in ("bool_type", "float_type", "string_type"):
         msg = "expected a number, a string or a boolean"

@@ -375,3 +375,15 @@ def test_rotation_zero_matches_axis_aligned_path_and_rotates() -> None:
     assert out.shape == (2, 6, 3, 16, 16) and torch.isfinite(out).all()
     with pytest.raises(ValueError, match="rotation"):
         AugmentConfig(rotation=270.0)
+
+
+def test_channel_shuffle_permutes_channels_per_view() -> None:
+    x = torch.zeros(64, 3, 8, 8, dtype=torch.uint8)
+    x[:, 0], x[:, 1], x[:, 2] = 10, 100, 200  # flat channels: every output is a permutation of (10, 100, 200)
+    cfg = AugmentConfig(channel_shuffle_p=1.0, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, crop_scale=(1.0, 1.0),
+                        crop_ratio=(1.0, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    out = augment_views(x, 2, cfg, generator=torch.Generator().manual_seed(0))
+    levels = (out.mean(dim=(-1, -2)) * 255).round().long().view(-1, 3).tolist()
+    assert all(sorted(v) == [10, 100, 200] for v in levels)
+    perms = {tuple(v) for v in levels}
+    assert (10, 100, 200) not in perms and len(perms) == 5  # p = 1: never the identity, all 5 others drawn
