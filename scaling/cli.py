@@ -7,6 +7,8 @@ a message naming the file, the field and what was expected.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -237,6 +239,122 @@ def data_export(
         _fail(str(exc))
     out.print(f"wrote {len(paths)} shards to {out_dir} ({len(splits.train)} train / {len(splits.val)} val / "
               f"{len(splits.test)} test)")
+
+
+# ---------------------------------------------------------------------------------------------
+# a Ray cluster, through the Ray Jobs API (scaling/cluster.py)
+
+AddressOpt = Annotated[str, typer.Option("--address", envvar="RAY_ADDRESS",
+                                         help="the head's Ray dashboard, e.g. http://HEAD:8265 (env RAY_ADDRESS)")]
+
+
+@contextmanager
+def _cluster_errors(spec: Path | None = None) -> Iterator[None]:
+    """Bad input exits 2 (before the cluster is contacted); an unreachable or refusing cluster exits 1."""
+    from scaling.cluster import ClusterError
+    from scaling.spec import SpecError
+
+    try:
+        yield
+    except SpecError as exc:  # --flags are not the spec's fields
+        _fail(f"{exc.field}: {exc.reason}" if exc.field.startswith("--") else f"{spec or exc.file}: {exc.field}: {exc.reason}")
+    except ValueError as exc:  # a malformed --address
+        _fail(str(exc))
+    except ClusterError as exc:
+        _fail(str(exc), code=1)
+
+
+def _follow(address: str, job_id: str) -> str:
+    from scaling.cluster import follow
+
+    with _cluster_errors():
+        info = follow(address, job_id, lambda text: print(text, end="", flush=True))
+    return info.status
+
+
+@app.command()
+def submit(
+    spec: Path,
+    address: AddressOpt,
+    set_: SetOpt = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow server every node can reach, http(s)://HOST:5000")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="study directory root visible on every node "
+                                                        "(default ./studies when the head is this machine)")] = None,
+    python: Annotated[str, typer.Option(help="the job's interpreter on the head node")] = "python",
+    wait: Annotated[bool, typer.Option("--wait", help="stream the job's logs until it ends; exit 1 unless it succeeded")] = False,
+) -> None:
+    """Submit a study to a Ray cluster as a Ray Job; prints the job id and how to follow it."""
+    from scaling.cluster import submit as submit_job
+
+    s = _load(spec, set_)
+    with _cluster_errors(spec):
+        job = submit_job(s, address=address, tracking_uri=tracking_uri, storage=storage, python=python)
+    out.print(f"submitted study {s.name} as job [bold]{job.job_id}[/] to {job.address}")
+    out.print(f"MLflow: {job.tracking_uri} (experiment {job.experiment}); study storage: {job.storage}")
+    out.print(f"follow: scaling logs {job.job_id} --address {job.address} --follow   "
+              f"(status: scaling status {job.job_id} --address {job.address}; "
+              f"stop: scaling stop {job.job_id} --address {job.address})", highlight=False, soft_wrap=True)
+    if wait:
+        status = _follow(job.address, job.job_id)
+        out.print(f"job {job.job_id}: {status}")
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str, address: AddressOpt) -> None:
+    """A submitted job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) and message."""
+    from scaling.cluster import job_status
+
+    with _cluster_errors():
+        info = job_status(address, job_id)
+    took = f", {info.duration_s:.0f} s" if info.duration_s is not None else ""
+    out.print(f"{info.job_id}: {info.status}{took}" + (f" (study {info.study})" if info.study else ""))
+    if info.message:
+        out.print(info.message, highlight=False, markup=False)
+
+
+@app.command()
+def logs(
+    job_id: str,
+    address: AddressOpt,
+    follow_: Annotated[bool, typer.Option("--follow", "-f", help="keep streaming until the job ends")] = False,
+) -> None:
+    """A submitted job's logs (the study's progress lines and summary)."""
+    from scaling.cluster import job_logs
+
+    if follow_:
+        _follow(address, job_id)
+        return
+    with _cluster_errors():
+        text = job_logs(address, job_id)
+    print(text, end="")
+
+
+@app.command()
+def stop(job_id: str, address: AddressOpt) -> None:
+    """Stop a running job: its trials stop and the study's parent run is closed as KILLED."""
+    from scaling.cluster import stop_job
+
+    with _cluster_errors():
+        stopped = stop_job(address, job_id)
+    out.print(f"{job_id}: {'stop requested' if stopped else 'not running (already ended)'}")
+
+
+@app.command()
+def jobs(address: AddressOpt) -> None:
+    """The cluster's jobs, oldest first: one line each (job id, status, study, start, duration)."""
+    from scaling.cluster import list_jobs
+
+    with _cluster_errors():
+        found = list_jobs(address)
+    if not found:
+        print("no jobs")
+    width = max((len(j.job_id) for j in found), default=0)
+    for j in found:  # plain lines, never wrapped: ids stay whole for copy and paste and for scripts
+        started = j.start_time.strftime("%Y-%m-%d %H:%M:%S") if j.start_time else "-"
+        took = f"{j.duration_s:.0f} s" if j.duration_s is not None else "-"
+        print(f"{j.job_id:<{width}}  {j.status:<9}  {j.study or '-':<20}  {started}  {took}")
 
 
 def main() -> None:  # pragma: no cover

@@ -22,16 +22,20 @@ import json
 import math
 import os
 import re
+import signal
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import JsonLoggerCallback
 from rich.console import Console
 from rich.live import Live
@@ -123,13 +127,13 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
     import ray.train
     import ray.tune
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from scaling.spec import TrialConfig
     from scaling.worker import train_fn
 
     cfg = trial_config(TrialConfig.model_validate(base), config, names)
     trial_name = ray.tune.get_context().get_trial_name()
+    node_id = ray.get_runtime_context().get_node_id()
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"trial": cfg.model_dump(mode="json"), "threads": max(1, int(cpus_per_worker))},
@@ -138,13 +142,27 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=trial_name, storage_path=train_storage, callbacks=[TuneReportCallback()],
+            name=trial_name, storage_path=train_storage, callbacks=[_NodeReportCallback(node_id)],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             failure_config=ray.train.FailureConfig(max_failures=failures),
         ),
     )
     trainer.fit()
     _drain_train_reports()
+
+
+class _NodeReportCallback(TuneReportCallback):
+    """Forwards rank 0's reports to Tune; the first carries ``derived.node_id`` (the trial driver's Ray node)."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self._node_id, self._sent = node_id, False
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if not self._sent and metrics:
+            metrics = [{**metrics[0], "derived.node_id": self._node_id}, *metrics[1:]]
+            self._sent = True
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def _drain_train_reports(timeout_s: float = 120.0) -> None:
@@ -239,6 +257,8 @@ class TrackingCallback(tune.Callback):
         derived = {k: v for k, v in result.items() if k.startswith("derived.")}
         if derived:
             self.tracker.log_params(name, derived)
+            if "derived.node_id" in derived:  # where the trial ran, searchable as a tag
+                self.tracker.client.set_tag(self.tracker.child_run(name), "scaling.node_id", str(derived["derived.node_id"]))
         metrics = {k: result[k] for k in RESULT_KEYS if k in result}
         self.tracker.log_epoch(name, metrics, epoch=int(result.get("epoch", result.get("training_iteration", 0))))
 
@@ -316,10 +336,17 @@ class ProgressCallback(tune.Callback):
                 self._best = (float(value), _trial_name(trial), cfg)
         self._update(trials)
 
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._update(trials)
+        if not self._args[2]:  # no live view (a Ray Job's log, a pipe): one line per event
+            print(f"[scaling] trial {_trial_name(trial)} started", flush=True)
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trials)
         if not self._args[2]:
-            print(f"[scaling] trial {_trial_name(trial)} finished", flush=True)
+            done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
+            best = f"; best {self._spec.search.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else ""
+            print(f"[scaling] trial {_trial_name(trial)} finished: {done}/{self._args[1]} done{best}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._update(trials)
@@ -477,7 +504,10 @@ def validate_tracking(spec: StudySpec, tracking_uri: str, address: str | None) -
     remote_cluster = bool(address) and not address.startswith(("local", "127.0.0.1", "localhost", "auto"))
     if remote_cluster and not is_remote_uri(tracking_uri):
         raise SpecError(None, "tracking.uri", f"a remote Ray cluster needs an http(s):// MLflow server that every node "
-                                              f"can reach, got {tracking_uri!r}")
+                                              f"can reach, got {tracking_uri!r}: the study runs on the cluster's "
+                                              f"nodes, which cannot write to a SQLite file or a directory on this "
+                                              f"machine; start `mlflow server` (README: Running on a cluster) and "
+                                              f"pass --tracking-uri http://MLFLOW_HOST:5000")
 
 
 def run_study(spec: StudySpec, *, raw_spec: str | None = None, storage: str | Path | None = None,
@@ -527,10 +557,13 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
         if address:
             total = ray.cluster_resources()
             concurrent = check_fits(spec, {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)})
+            if total.get(TRIAL_RESOURCE):  # the cluster declares trial slots: never sample more than fit
+                concurrent = max(1, min(concurrent, int(total[TRIAL_RESOURCE])))
         on_cluster = bool(address) and TRIAL_RESOURCE not in ray.cluster_resources()
         tuner = _build_tuner(spec, study_dir=study_dir, tracking_uri=tracking_uri, concurrent=concurrent,
                              on_cluster=on_cluster, progress=progress, restore=restore)
-        grid = tuner.fit()
+        with _killed_on_sigterm(tracker):
+            grid = tuner.fit()
         trials, curves = results_to_tables(grid, spec)
         write_tables(study_dir, trials, curves)
         best = best_trial(trials, spec)
@@ -550,6 +583,27 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
         if status != "FINISHED":
             tracker.end_study(status="KILLED")
         raise
+
+
+@contextmanager
+def _killed_on_sigterm(tracker: StudyTracker) -> Iterator[None]:
+    """Close the parent run as KILLED the moment SIGTERM arrives (`scaling stop` / `ray job stop` send
+    SIGTERM and SIGKILL 3 s later, too soon for Tune's own shutdown to reach our ``except``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        try:
+            tracker.end_study(status="KILLED")
+        finally:
+            raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def raw_baseline(spec: StudySpec) -> float:

@@ -17,7 +17,7 @@ import ray.train.torch
 import torch
 
 from scaling import dist
-from scaling.loop import EpochMetrics, TrainState, derived_params, flops_per_image, load_data, train
+from scaling.loop import EpochMetrics, NonFiniteLossError, TrainState, derived_params, flops_per_image, load_data, train
 from scaling.spec import TrialConfig
 
 CHECKPOINT_FILE = "state.pt"
@@ -60,4 +60,10 @@ def train_fn(config: dict[str, Any]) -> None:
         ray.train.report({**state["history"][-1], "target_epochs": cfg.train.epochs}, checkpoint=None)
         return
     prepare = ray.train.torch.prepare_model if dist.world_size() > 1 else None
-    train(cfg, data=data, device=device, state=state, on_epoch=on_epoch, prepare_model=prepare)
+    try:
+        train(cfg, data=data, device=device, state=state, on_epoch=on_epoch, prepare_model=prepare)
+    except NonFiniteLossError as exc:
+        # Ray ships a worker's exception to the driver by pickling it; NonFiniteLossError's
+        # (epoch, step, value) constructor does not survive that (the reason arrived as a TypeError
+        # from unpickling), so the driver gets its base class with the same message.
+        raise FloatingPointError(str(exc)) from exc
