@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup study test bench clean
+.PHONY: setup study test bench clean chromium
 
 setup: $(STAMP)
 
@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml
 study: setup
 	$(BIN)/scaling run jobs/quickstart.yaml --analyze
 
-test: setup
+test: setup chromium
 	$(BIN)/python -m pytest -q tests
+
+# tests/test_ui.py checks the MLflow UI in Debian's headless chromium (CI runs as root).
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
 bench: setup
 	$(BIN)/python -m benchmarks.augment

@@ -255,7 +255,7 @@ def fit_sensitivity(data: TrialData, *, tolerance: float = 0.01, n_bootstrap: in
         try:
             res.importance = ParamImportance(n_bootstrap=importance_bootstrap, ci=ci, seed=seed).fit(
                 comp, y, space, mode=data.mode, groups=groups)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # fANOVA raises RuntimeError when the metric never varies
             res.importance_skipped = str(exc)
     else:
         res.importance_skipped = f"only {len(comp)} completed trials (need 5)"

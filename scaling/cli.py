@@ -267,8 +267,13 @@ def _cluster_errors(spec: Path | None = None) -> Iterator[None]:
 def _follow(address: str, job_id: str) -> str:
     from scaling.cluster import follow
 
-    with _cluster_errors():
-        info = follow(address, job_id, lambda text: print(text, end="", flush=True))
+    try:
+        with _cluster_errors():
+            info = follow(address, job_id, lambda text: print(text, end="", flush=True))
+    except KeyboardInterrupt:
+        err.print(f"stopped following; the job keeps running (scaling stop {job_id} --address {address})",
+                  highlight=False)
+        raise typer.Exit(130) from None
     return info.status
 
 

@@ -271,3 +271,21 @@ def test_two_valued_parameter_is_skipped_with_a_reason():
                           interactions=False, scaling=False)
     assert res.curves and all("only 2 distinct values (64, 128)" in c.skipped for c in res.curves)
     assert res.to_dict()["curves"][0]["optimum"] is None
+
+
+def test_importance_is_skipped_not_crashing_when_the_metric_is_constant() -> None:
+    """fANOVA raises RuntimeError ("zero total variance") on a constant metric: a skipped importance, not a crash."""
+    import pandas as pd
+
+    from analysis.fit import fit_sensitivity
+    from analysis.table import prepare_trials
+    import pyarrow as pa
+
+    n = 8
+    table = pa.Table.from_pandas(pd.DataFrame({
+        "study": ["s"] * n, "trial_id": [f"t{i}" for i in range(n)], "status": ["completed"] * n,
+        "temperature": [0.05 * (i + 1) for i in range(n)], "knn_top1": [0.25] * n,
+        "samples_seen": [1000] * n, "epochs": [2] * n,
+    }), preserve_index=False)
+    res = fit_sensitivity(prepare_trials(table, metric="knn_top1", mode="max"), n_bootstrap=200)
+    assert res.importance_skipped

@@ -106,3 +106,17 @@ def test_study_against_a_real_mlflow_server(ray_local: None, mlflow_server: str,
     arts = {a.path for a in client.list_artifacts(result.parent_run_id, "tables")}
     assert arts == {"tables/trials.parquet", "tables/curves.parquet"}
     assert result.ui_hint.startswith(f"open {mlflow_server}/#/experiments/")
+
+
+def test_every_loss_runs_in_a_study(ray_local: None, tmp_path: Path) -> None:
+    """Every member of the loss family is selectable in a spec and trains as a Tune trial (grid over losses)."""
+    from scaling.losses import LOSS_NAMES
+
+    raw = tiny_spec("all-losses", trials=len(LOSS_NAMES), epochs=1)
+    raw["search"].update(sampler="grid", space={"loss": {"kind": "choice", "values": list(LOSS_NAMES)}})
+    raw["train"]["max_steps_per_epoch"] = 1
+    spec = spec_from_dict(raw)
+    result = run_study(spec, storage=tmp_path / "studies", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False)
+    rows = result.trials.to_pylist()
+    assert sorted(r["loss"] for r in rows) == sorted(LOSS_NAMES)
+    assert all(r["status"] == "completed" and r["train_loss"] is not None for r in rows), rows
