@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.loss
 	$(BIN)/python -m benchmarks.analysis
 	$(BIN)/python -m benchmarks.overhead
+	$(BIN)/python -m benchmarks.bookkeeping
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

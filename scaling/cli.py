@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Hyperparameter and scaling studies of contrastive pretraining.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: export to Parquet shards.")
@@ -25,7 +26,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override: KE
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -82,7 +83,9 @@ def run(
     try:
         result = run_study(s, raw_spec=raw, storage=storage, tracking_uri=tracking_uri, address=address,
                            progress=progress and sys.stderr.isatty())
-    except (SpecError, StudyError) as exc:
+    except SpecError as exc:
+        _fail(f"{spec if exc.file == '<spec>' else exc.file}: {exc.field}: {exc.reason}")
+    except StudyError as exc:
         _fail(str(exc))
     _summary(result, s)
     if analyze:
