@@ -187,8 +187,7 @@ def load_data(cfg: TrialConfig) -> DatasetSplits:
                         val_fraction=d.val_fraction, fraction=d.fraction)
 
 
-def build_state(cfg: TrialConfig, *, num_train: int, device: torch.device | str = "cpu",
-                prepare_model: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+def build_state(cfg: TrialConfig, *, num_train: int, device: torch.device | str = "cpu") -> TrainState:
     """Model, loss, optimizer and RNG of a fresh run (seeded by ``cfg.train.seed`` and the rank)."""
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every worker
     model = build_model(cfg).to(device)

@@ -207,14 +207,19 @@ def _trial_name(trial: Any) -> str:
 
 def _error_reason(trial: Any) -> str:
     """The one-line reason of a trial's failure (the last ``SomeError: message`` line of its traceback)."""
-    text = ""
     path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        text = Path(path).read_text(errors="replace")
+    return failure_reason(Path(path).read_text(errors="replace") if path and Path(path).exists() else "")
+
+
+_WRAPPERS = ("TrainingFailedError", "WorkerGroupError", "RayTaskError", "TuneError")
+
+
+def failure_reason(text: str) -> str:
+    """The innermost ``SomeError: message`` line of a traceback, skipping Ray's wrapper errors."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         m = re.match(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit))(?:\(.*\))?: (.+)$", ln)
-        if m and m.group(1) not in ("TrainingFailedError", "WorkerGroupError", "RayTaskError", "TuneError"):
+        if m and m.group(1) not in _WRAPPERS:
             return f"{m.group(1)}: {m.group(2)}"[:1000]
     return (lines[-1] if lines else "unknown error")[:1000]
 
@@ -701,12 +706,7 @@ def _first(history: list[dict[str, Any]], key: str) -> float | None:
 def _result_error(result: Any) -> str:
     err = result.error
     text = "".join(traceback.format_exception_only(type(err), err)) if isinstance(err, BaseException) else str(err)
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        m = re.search(r"(\w*(?:Error|Exception)): (.+)$", ln.strip())
-        if m and m.group(1) not in ("TrainingFailedError", "WorkerGroupError", "RayTaskError", "TuneError"):
-            return f"{m.group(1)}: {m.group(2)}"[:1000]
-    return (lines[-1] if lines else "unknown error")[:1000]
+    return failure_reason(text)
 
 
 def write_tables(study_dir: Path, trials: pa.Table, curves: pa.Table) -> None:

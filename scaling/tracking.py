@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from scaling.spec import StudySpec, dump_resolved, redact_uri
@@ -131,10 +131,6 @@ class StudyTracker:
                 self.client.log_batch(self.parent_run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
         self.client.set_terminated(self.parent_run_id, status=status)
 
-    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        if self.parent_run_id is not None:
-            self.client.log_artifacts(self.parent_run_id, str(local_dir), artifact_path)
-
     # -- trials -----------------------------------------------------------------------------
 
     def _load_children(self) -> None:
@@ -235,6 +231,3 @@ def _param_value(v: Any) -> str:
 def _quote(s: str) -> str:
     return s.replace("'", "\\'")
 
-
-def run_status_is_terminal(status: str) -> bool:
-    return RunStatus.is_terminated(RunStatus.from_string(status))

@@ -92,3 +92,12 @@ def test_derived_params_and_raw_baseline(data) -> None:  # type: ignore[no-untyp
     assert d["per_worker_batch"] == 64 and d["scaled_lr"] == pytest.approx(0.001)
     assert d["flops_per_image"] == 123 and d["steps_per_epoch"] == 3
     assert 0.0 < raw_pixel_knn(data, k=5) < 0.6
+
+
+def test_failure_reason_skips_ray_wrappers() -> None:
+    from scaling.study import failure_reason
+
+    tb = ("Traceback (most recent call last):\n  File x\nscaling.loop.NonFiniteLossError: non-finite loss at epoch 2 step 1\n"
+          "\nThe above exception was the direct cause of:\nray.train.v2.api.exceptions.WorkerGroupError: 1 worker failed")
+    assert failure_reason(tb) == "NonFiniteLossError: non-finite loss at epoch 2 step 1"
+    assert failure_reason("") == "unknown error"
