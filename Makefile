@@ -30,6 +30,7 @@ bench: setup
 	$(BIN)/python -m benchmarks.analysis
 	$(BIN)/python -m benchmarks.overhead
 	$(BIN)/python -m benchmarks.bookkeeping
+	$(BIN)/python -m benchmarks.quickstart
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet18 as _tv_resnet18
-from torchvision.models.resnet import BasicBlock
 
 __all__ = [
     "ENCODER_NAMES",
@@ -86,7 +84,10 @@ class SmallCNN(nn.Module):
 
 
 def _cifar_resnet18(width: int, in_channels: int) -> nn.Module:
-    net = _tv_resnet18(weights=None)
+    from torchvision.models import resnet18  # imported here: about 1 s that small_cnn trials need not pay
+    from torchvision.models.resnet import BasicBlock
+
+    net = resnet18(weights=None)
     # CIFAR stem: 3x3 stride 1, no max-pool (a 7x7/2 conv + pool would leave 8x8 maps of a 32x32 image).
     net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()

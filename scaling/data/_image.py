@@ -7,8 +7,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torchvision.io as tvio
-import torchvision.transforms.v2.functional as TF
+
+# torchvision is imported inside the functions that need it: importing it costs about 1 s (it pulls
+# in torch._dynamo), which every Ray process of a trial on generated data would otherwise pay.
 
 # Bounds the float buffers of the resize to about 100 MB whatever the dataset size.
 _RESIZE_CHUNK_PIXELS = 8_000_000
@@ -42,6 +43,8 @@ def resize(images: torch.Tensor, image_size: int) -> torch.Tensor:
     n, c, h, w = images.shape
     if (h, w) == (image_size, image_size):
         return images.contiguous()
+    import torchvision.transforms.v2.functional as TF
+
     out = torch.empty((n, c, image_size, image_size), dtype=torch.uint8)
     step = max(1, _RESIZE_CHUNK_PIXELS // (c * max(h * w, image_size * image_size)))
     for start in range(0, n, step):
@@ -71,12 +74,16 @@ def decode_rgb(data: torch.Tensor | str) -> torch.Tensor:
 
     Call inside ``quiet_codecs()``.
     """
+    import torchvision.io as tvio
+
     image: torch.Tensor = tvio.decode_image(data, mode=tvio.ImageReadMode.RGB)
     return image
 
 
 def encode(image: torch.Tensor, encoding: str) -> bytes:
     """Encode one uint8 ``(C, H, W)`` image as ``png`` or ``jpeg`` bytes. Call inside ``quiet_codecs()``."""
+    import torchvision.io as tvio
+
     if encoding == "png":
         data = tvio.encode_png(image)
     elif encoding == "jpeg":
