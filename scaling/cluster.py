@@ -50,7 +50,10 @@ EXCLUDES = ("/.venv", "/.git", "/data", "/mlruns", "/mlartifacts", "/mlflow.db",
 MAX_WORKING_DIR_BYTES = 50 * 2**20
 JOB_SPEC_DIR = "_job"  # where the resolved spec lands inside the job's working_dir
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-JOB_ENV = {"COLUMNS": "200"}  # the job's log is no terminal: keep rich from wrapping paths at 80 columns
+# COLUMNS: the job's log is no terminal: keep rich from wrapping paths at 80 columns.
+# RAY_JOB_STOP_WAIT_TIME_S: `ray job stop` sends SIGTERM, then SIGKILL after this many seconds (Ray's
+# default 3): time for the driver to close the study's MLflow runs as KILLED (read by the job's supervisor).
+JOB_ENV = {"COLUMNS": "200", "RAY_JOB_STOP_WAIT_TIME_S": "20"}
 _TOKEN_HELP = ("set RAY_AUTH_TOKEN=<token>, or RAY_AUTH_TOKEN_PATH=<file with the token>, or put the token in "
                "~/.ray/auth_token (on the head node `ray get-auth-token` prints it)")
 
@@ -298,16 +301,38 @@ def submit(spec: StudySpec, *, address: str, tracking_uri: str | None = None, st
     job_id = job_id_for(spec)
     with tempfile.TemporaryDirectory(prefix="scaling-job-") as tmp:
         rel_spec = stage_working_dir(spec, Path(tmp), project=project)
-        entrypoint = " ".join([
-            shlex.quote(python), "-m", "scaling.cli", "run", shlex.quote(rel_spec), "--address", "auto",
-            "--tracking-uri", shlex.quote(tracking), "--storage", shlex.quote(store), "--no-progress",
-        ])
-        metadata = {"scaling.study": spec.name, "scaling.experiment": spec.experiment,
-                    "scaling.spec_hash": spec.spec_hash(), "scaling.tracking_uri": redact_uri(tracking),
-                    "scaling.storage": store}
+        entrypoint, metadata, env_vars = job_request(spec, rel_spec=rel_spec, tracking_uri=tracking, storage=store,
+                                                     python=python)
         jobs("submit_job", entrypoint=entrypoint, submission_id=job_id, metadata=metadata,
-             runtime_env={"working_dir": tmp, "env_vars": JOB_ENV})
+             runtime_env={"working_dir": tmp, "env_vars": env_vars})
     return Submission(job_id, url, entrypoint, redact_uri(tracking), store, spec.experiment)
+
+
+def job_request(spec: StudySpec, *, rel_spec: str, tracking_uri: str, storage: str,
+                python: str = "python") -> tuple[str, dict[str, str], dict[str, str]]:
+    """The job's entrypoint, metadata and environment.
+
+    The entrypoint and metadata are shown by `ray job list`, the dashboard and `scaling status`: a
+    password in the tracking URI is taken out of both and handed to the job as MLflow's own
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (runtime_env ``env_vars``); MLflow sends
+    them as basic auth to the URI without them.
+    """
+    from scaling.tracking import split_credentials
+
+    bare, user, password = split_credentials(tracking_uri)
+    env_vars = dict(JOB_ENV)
+    if user is not None:
+        env_vars["MLFLOW_TRACKING_USERNAME"] = user
+        if password is not None:
+            env_vars["MLFLOW_TRACKING_PASSWORD"] = password
+    entrypoint = " ".join([
+        shlex.quote(python), "-m", "scaling.cli", "run", shlex.quote(rel_spec), "--address", "auto",
+        "--tracking-uri", shlex.quote(bare), "--storage", shlex.quote(storage), "--no-progress",
+    ])
+    metadata = {"scaling.study": spec.name, "scaling.experiment": spec.experiment,
+                "scaling.spec_hash": spec.spec_hash(), "scaling.tracking_uri": redact_uri(tracking_uri),
+                "scaling.storage": storage}
+    return entrypoint, metadata, env_vars
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,15 +30,23 @@ from scaling.losses import build_loss
 from scaling.models import ContrastiveModel, ProjectionHead, build_encoder, encoder_flops
 from scaling.spec import TrialConfig
 
+# 1 PiB: more than any machine's memory and than x86-64's 128 TiB of user address space, so the
+# allocator refuses it even where the kernel overcommits memory.
+OOM_FAULT_BYTES = 1 << 50
 EVAL_BANK_MAX = 10_000  # cap on the kNN memory bank (training images) to bound per-epoch eval cost
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names epoch and step."""
 
+    retryable = False  # the same config from the same checkpoint diverges again (scaling.failures)
+
     def __init__(self, epoch: int, step: int, value: float) -> None:
         self.epoch, self.step, self.value = epoch, step, value
         super().__init__(f"non-finite loss at epoch {epoch} step {step} (value {value})")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Ray ships worker exceptions to the driver by pickling them
+        return (type(self), (self.epoch, self.step, self.value))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +266,9 @@ def train(
             views = augment_views(images, t.views, aug, generator=ts.generator)  # (V, n, C, H, W)
             z = model(views.flatten(0, 1)).unflatten(0, (t.views, local_batch))
             loss = ts.loss_fn(z, index=batch_idx.to(device)) if needs_index else ts.loss_fn(z)
+            if t.fault_oom_at_step is not None and ts.step + 1 == t.fault_oom_at_step:
+                # injected fault: a real allocation the allocator refuses (more than any machine's memory)
+                torch.empty(OOM_FAULT_BYTES, dtype=torch.uint8, device=device)
             if t.fault_nan_at_step is not None and ts.step + 1 == t.fault_nan_at_step:
                 loss = loss * float("nan")  # injected fault: exercises the failure path end to end
             if not torch.isfinite(loss):

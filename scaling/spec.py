@@ -18,11 +18,13 @@ import copy
 import hashlib
 import json
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from scaling.data import DATASET_NAMES
 from scaling.losses import LOSS_NAMES, LOSS_PARAMS
@@ -62,6 +64,14 @@ HYPERPARAMETERS: dict[str, tuple[str, str]] = {
 }
 
 
+def _is_numeric(annotation: Any) -> bool:
+    """``int``, ``float`` or an optional/union of them (not ``bool``, which is an int to Python)."""
+    if annotation in (int, float):
+        return True
+    args = typing.get_args(annotation)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and any(a in (int, float) for a in args)
+
+
 def loss_defaults(loss: str) -> dict[str, Any]:
     """Default values of a loss's own parameters (from the loss family's LOSS_PARAMS table)."""
     return {p: default for p, (_typ, default, _rng) in LOSS_PARAMS.get(loss, {}).items()}
@@ -95,6 +105,19 @@ MAX_SEED = 2**32 - 1
 class _Model(BaseModel):
     # inf/nan would pass one-sided bounds (``gt=1``) and fail only once a trial runs.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `batch_size: true` as 1 and `lr: false` as 0.0: a typo, never a number.
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(v, bool) and _is_numeric(annotation):
+            raise ValueError("expected a number, not a boolean")
+        if isinstance(v, dict) and typing.get_origin(annotation) is dict and _is_numeric(typing.get_args(annotation)[-1]):
+            for key, item in v.items():  # loss_params: {mu: true}
+                if isinstance(item, bool):
+                    raise ValueError(f"{key}: expected a number, not a boolean")
+        return v
 
 
 class DataConfig(_Model):
@@ -137,6 +160,9 @@ class TrainConfig(_Model):
     max_steps_per_epoch: int | None = Field(default=None, ge=1, description="cap for smoke tests")
     fault_nan_at_step: int | None = Field(
         default=None, ge=1, description="fault injection: make the loss NaN at this global step (tests of failure handling)"
+    )
+    fault_oom_at_step: int | None = Field(
+        default=None, ge=1, description="fault injection: allocate more memory than any machine has at this global step"
     )
 
     @model_validator(mode="after")
@@ -450,6 +476,7 @@ def _spec_error(file: str | Path | None, exc: ValidationError, prefix: str = "")
 def _check_space(spec: StudySpec, space: SearchSpace, space_file: Path | None, file: str | Path | None) -> None:
     where = (lambda f: f) if space_file else (lambda f: f"search.space.{f}")
     src = space_file or file
+    _check_bool_bounds(spec.search.space, "", src, where)
     for name in space.dims:
         if name.startswith("loss."):
             raise SpecError(src, where(name), "loss parameters go under the loss choice (loss: {kind: choice, values: {adnce: {mu: ...}}})")
@@ -472,6 +499,8 @@ def _check_space(spec: StudySpec, space: SearchSpace, space_file: Path | None, f
                     raise SpecError(src, field, f"not a parameter of loss {loss!r} (its parameters: {', '.join(valid) or 'none'})")
                 _, _, (low, high) = valid[p]
                 for bound in _bounds(dim):
+                    if isinstance(bound, bool):
+                        raise SpecError(src, field, f"expected a number, not a boolean; got {bound!r}")
                     if not (low <= bound <= high):
                         raise SpecError(src, field, f"values must lie in [{low}, {high}], got {bound}")
     # Every value a dimension can produce must itself be a valid trial config.
@@ -498,6 +527,18 @@ def _check_space(spec: StudySpec, space: SearchSpace, space_file: Path | None, f
         )
     if spec.search.scheduler.kind == "asha" and spec.search.scheduler.grace_period > _max_epochs(spec, space):
         raise SpecError(file, "search.scheduler.grace_period", f"must be <= epochs ({_max_epochs(spec, space)}), got {spec.search.scheduler.grace_period}")
+
+
+def _check_bool_bounds(raw: Any, path: str, src: Any, where: Any) -> None:
+    """Range bounds are read as floats by the space models, so ``low: true`` would become 1.0: refuse it."""
+    if not isinstance(raw, dict):
+        return
+    for key, value in raw.items():
+        field = f"{path}.{key}" if path else str(key)
+        if key in ("low", "high", "step") and isinstance(value, bool):
+            raise SpecError(src, where(field), f"expected a number, not a boolean; got {value!r}")
+        if isinstance(value, dict):
+            _check_bool_bounds(value, field, src, where)
 
 
 def _bounds(dim: Any) -> list[float]:

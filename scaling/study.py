@@ -41,8 +41,9 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from scaling.spec import StudySpec, SpecError, dump_resolved, is_remote_uri, load_spec
-from scaling.tracking import StudyTracker, resolve_tracking_uri
+from scaling.spec import StudySpec, SpecError, dump_resolved, is_remote_uri, load_spec, redact_uri
+from scaling.tracking import (STOP_FLUSH_TIMEOUT_S, StudyTracker, TrackingError, active_tracker, connectable_uri,
+                              resolve_tracking_uri)
 
 TRIAL_RESOURCE = "scaling_trial"
 RESULT_KEYS = ("train_loss", "knn_top1", "knn_top1_test", "linear_top1", "linear_top1_test", "alignment", "uniformity",
@@ -126,17 +127,19 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
     """Tune trainable: one TorchTrainer for one sampled config; rank 0's reports flow to Tune."""
     import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
 
+    from scaling.failures import TrialTrainer  # a TorchTrainer that does not retry NaN / out of memory
     from scaling.spec import TrialConfig
     from scaling.worker import train_fn
 
     cfg = trial_config(TrialConfig.model_validate(base), config, names)
     trial_name = ray.tune.get_context().get_trial_name()
     node_id = ray.get_runtime_context().get_node_id()
-    trainer = TorchTrainer(
+    trainer = TrialTrainer(
         train_fn,
-        train_loop_config={"trial": cfg.model_dump(mode="json"), "threads": max(1, int(cpus_per_worker))},
+        train_loop_config={"trial": cfg.model_dump(mode="json"), "threads": max(1, int(cpus_per_worker)),
+                           # this trial ran in an earlier session (a resumed study): replay its checkpoint's epochs
+                           "replay_history": (Path(train_storage) / trial_name).is_dir()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers, use_gpu=gpus_per_worker > 0,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
@@ -212,26 +215,49 @@ def _error_reason(trial: Any) -> str:
 
 
 _WRAPPERS = ("TrainingFailedError", "WorkerGroupError", "RayTaskError", "TuneError")
+# What running out of memory looks like: torch's CPU allocator, CUDA, Ray's memory monitor (which kills
+# the worker: its death message is all the driver gets).
+_OOM = re.compile(r"OutOfMemoryError|out of memory|can't allocate memory|memory pressure|running low on memory", re.I)
+_RAY_OOM = re.compile(r"memory pressure|running low on memory", re.I)
 
 
 def failure_reason(text: str) -> str:
-    """The innermost ``SomeError: message`` line of a traceback, skipping Ray's wrapper errors."""
+    """The one-line reason of a failed trial, from its traceback text.
+
+    The innermost ``SomeError: message`` line, skipping Ray's wrapper errors; running out of memory,
+    however it was reported, reads ``out of memory ...`` (with epoch and step when the worker knew them).
+    """
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = re.match(r"^(?:[\w.]+\.)?(TrialOutOfMemoryError): (out of memory.*)$", ln)
+        if m:
+            return m.group(2)[:1000]
+    ray_oom = next((ln for ln in lines if _RAY_OOM.search(ln)), None)
+    if ray_oom is not None:
+        return f"out of memory: the worker was killed by Ray's memory monitor ({ray_oom})"[:1000]
     for ln in reversed(lines):
         m = re.match(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit))(?:\(.*\))?: (.+)$", ln)
         if m and m.group(1) not in _WRAPPERS:
+            if _OOM.search(ln):
+                return f"out of memory: {m.group(2)}"[:1000]
             return f"{m.group(1)}: {m.group(2)}"[:1000]
     return (lines[-1] if lines else "unknown error")[:1000]
 
 
 class TrackingCallback(tune.Callback):
-    """Owns every child run's lifecycle; logs params at start, each epoch in one batch."""
+    """Owns every child run's lifecycle; logs params at start, each epoch in one batch.
+
+    Every call only queues writes for the study's MLflow writer (``scaling.tracking``): Tune's event
+    loop never waits for the tracking server. The callback is pickled with Tune's experiment state,
+    so it keeps the tracking URI redacted; the study's tracker, opened with the real URI by
+    ``run_study``/``resume_study`` in this process, is looked up by the study directory.
+    """
 
     def __init__(self, spec_json: dict[str, Any], tracking_uri: str, study_dir: str, names: Sequence[str]) -> None:
-        self._args = (spec_json, tracking_uri, study_dir, list(names))
+        self._args = (spec_json, redact_uri(tracking_uri), study_dir, list(names))
         self._tracker: StudyTracker | None = None
 
-    def __getstate__(self) -> dict[str, Any]:  # the MLflow client is rebuilt after a restore
+    def __getstate__(self) -> dict[str, Any]:  # the tracker is looked up again after a restore
         return {"_args": self._args}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -241,8 +267,11 @@ class TrackingCallback(tune.Callback):
     def tracker(self) -> StudyTracker:
         if self._tracker is None:
             spec_json, tracking_uri, study_dir, _ = self._args
-            self._tracker = StudyTracker(StudySpec.model_validate(spec_json), tracking_uri=tracking_uri)
-            self._tracker.start_study(study_dir=Path(study_dir))
+            tracker = active_tracker(study_dir)
+            if tracker is None:  # a Tuner built without run_study (benchmarks): open the study here
+                tracker = StudyTracker(StudySpec.model_validate(spec_json), tracking_uri=connectable_uri(tracking_uri))
+                tracker.start_study(study_dir=Path(study_dir))
+            self._tracker = tracker
         return self._tracker
 
     @property
@@ -257,13 +286,13 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         name = _trial_name(trial)
-        if self.tracker.child_run(name) is None:
+        if not self.tracker.has_trial(name):
             self.on_trial_start(iteration, trials, trial)
         derived = {k: v for k, v in result.items() if k.startswith("derived.")}
         if derived:
             self.tracker.log_params(name, derived)
             if "derived.node_id" in derived:  # where the trial ran, searchable as a tag
-                self.tracker.client.set_tag(self.tracker.child_run(name), "scaling.node_id", str(derived["derived.node_id"]))
+                self.tracker.set_trial_tags(name, {"scaling.node_id": str(derived["derived.node_id"])})
         metrics = {k: result[k] for k in RESULT_KEYS if k in result}
         self.tracker.log_epoch(name, metrics, epoch=int(result.get("epoch", result.get("training_iteration", 0))))
 
@@ -274,7 +303,7 @@ class TrackingCallback(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         name = _trial_name(trial)
-        if self.tracker.child_run(name) is None:
+        if not self.tracker.has_trial(name):
             self.on_trial_start(iteration, trials, trial)
         self.tracker.end_trial(name, status="failed", reason=_error_reason(trial))
 
@@ -527,8 +556,10 @@ def run_study(spec: StudySpec, *, raw_spec: str | None = None, storage: str | Pa
     study_dir.mkdir(parents=True, exist_ok=False)
     (study_dir / "spec.yaml").write_text(raw_spec if raw_spec is not None else dump_resolved(spec))
     (study_dir / "resolved.yaml").write_text(dump_resolved(spec))
+    # Stored redacted: a password never lands on disk; `scaling resume` takes it from the environment.
     _write_json(study_dir / "study.json", {"name": spec.name, "spec_hash": spec.spec_hash(),
-                                           "tracking_uri": tracking_uri, "address": address, "status": "running"})
+                                           "tracking_uri": redact_uri(tracking_uri), "address": address,
+                                           "status": "running"})
     return _execute(spec, study_dir=study_dir, tracking_uri=tracking_uri, address=address, progress=progress,
                     restore=False, raw_spec=raw_spec)
 
@@ -541,7 +572,11 @@ def resume_study(study_dir: str | Path, *, address: str | None = None, progress:
         raise StudyError(f"{study_dir}: not a study directory (expected study.json and tune/ from `scaling run`)")
     info = json.loads(info_path.read_text())
     spec = load_spec(study_dir / "resolved.yaml")
-    return _execute(spec, study_dir=study_dir, tracking_uri=info["tracking_uri"], address=address or info.get("address"),
+    try:
+        tracking_uri = connectable_uri(info["tracking_uri"])
+    except TrackingError as exc:
+        raise StudyError(f"{study_dir}: {exc}") from None
+    return _execute(spec, study_dir=study_dir, tracking_uri=tracking_uri, address=address or info.get("address"),
                     progress=progress, restore=True, raw_spec=None)
 
 
@@ -552,7 +587,10 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
     cluster = None if address else local_cluster_resources()
     concurrent = check_fits(spec, cluster) if cluster else 1
     tracker = StudyTracker(spec, tracking_uri=tracking_uri, raw_spec=raw_spec)
-    tracker.start_study(study_dir=study_dir)
+    try:
+        tracker.start_study(study_dir=study_dir)
+    except TrackingError as exc:
+        raise StudyError(str(exc)) from None
     info = json.loads((study_dir / "study.json").read_text())
     info.update(experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id)
     _write_json(study_dir / "study.json", info)
@@ -577,30 +615,39 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
             summary[f"best_{spec.search.metric}"] = best[spec.search.metric]
             summary["best_trial"] = best["trial_id"]
         for name in ("trials.parquet", "curves.parquet"):
-            tracker.client.log_artifact(tracker.parent_run_id, str(study_dir / name), "tables")
+            tracker.log_artifact(study_dir / name, "tables")
         status = "FINISHED"
         info.update(status="finished")
+        info.pop("tracking_pending", None)  # an earlier session's, replayed by start_study
         _write_json(study_dir / "study.json", info)
-        tracker.end_study(status="FINISHED", summary=summary)
+        left = tracker.end_study(status="FINISHED", summary=summary)
+        if left:  # saved in tracking_pending.jsonl; `scaling resume` replays them
+            info.update(tracking_pending=left)
+            _write_json(study_dir / "study.json", info)
         return StudyResult(study_dir, trials, curves, best, summary["raw_pixel_knn_top1"], tracking_uri, tracker.experiment_id,
                            tracker.parent_run_id, tracker.experiment_url_hint())
-    except BaseException:
+    except BaseException as exc:
         if status != "FINISHED":
-            tracker.end_study(status="KILLED")
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                tracker.end_study(status="KILLED", timeout_s=STOP_FLUSH_TIMEOUT_S)
+            else:  # a crash: the parent run says why
+                reason = failure_reason("".join(traceback.format_exception_only(type(exc), exc)))
+                tracker.end_study(status="FAILED", reason=reason, timeout_s=STOP_FLUSH_TIMEOUT_S)
         raise
 
 
 @contextmanager
 def _killed_on_sigterm(tracker: StudyTracker) -> Iterator[None]:
-    """Close the parent run as KILLED the moment SIGTERM arrives (`scaling stop` / `ray job stop` send
-    SIGTERM and SIGKILL 3 s later, too soon for Tune's own shutdown to reach our ``except``)."""
+    """Close the study's runs as KILLED the moment SIGTERM arrives (`scaling stop` / `ray job stop` send
+    SIGTERM and SIGKILL a few seconds later, too soon for Tune's own shutdown to reach our ``except``):
+    the parent and every child run still open, after the writes already queued."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def on_sigterm(signum: int, frame: Any) -> None:
         try:
-            tracker.end_study(status="KILLED")
+            tracker.end_study(status="KILLED", timeout_s=STOP_FLUSH_TIMEOUT_S)
         finally:
             raise SystemExit(128 + signum)
 
@@ -666,9 +713,11 @@ def results_to_tables(grid: Any, spec: StudySpec) -> tuple[pa.Table, pa.Table]:
         row["failure_reason"] = _result_error(result) if result.error else None
         row[metric] = _num(last.get(metric))
         rows.append(row)
+        seen: set[int] = set()
         for rec in history:
-            if "epoch" not in rec:
-                continue
+            if "epoch" not in rec or _num(rec["epoch"]) is None or int(rec["epoch"]) in seen:
+                continue  # a resumed trial reports its checkpoint's epochs again (worker: replay_history)
+            seen.add(int(rec["epoch"]))
             curve_rows.append({"trial_id": trial_id, "epoch": int(rec["epoch"]),
                                **{k: _num(rec.get(k)) for k in RESULT_KEYS}})
     rows.sort(key=lambda r: r["trial_id"])

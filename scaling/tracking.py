@@ -1,8 +1,22 @@
 """Every MLflow call of the platform: a parent run per study, a nested child run per trial.
 
-One writer per run: the Tune driver process owns every run's lifecycle (workers never talk to
-MLflow). Runs are found by tags, so a resumed study reuses its parent and child runs instead of
-duplicating them. Metrics go out in batches (``log_batch``), one call per Tune result.
+One writer per study: the Tune driver process owns every run's lifecycle (workers never talk to
+MLflow), and every write goes through one background thread (``_Writer``), in the order it was
+made. Tune's event loop only appends to the writer's queue, so a slow or unreachable tracking
+server never stalls a study. A write that fails is retried with backoff; the user is told once when
+the server becomes unreachable and once when it has recovered; writes still unwritten when the study
+ends (or is stopped) are saved in the study directory (``tracking_pending.jsonl``) and replayed by
+``scaling resume``. While the server is unreachable the same file is kept up to date, so even a
+killed driver loses nothing it had buffered.
+
+Every write can be replayed safely: runs are found by their tags before one is created, metrics
+carry the timestamp of their first attempt, epochs already in a run's history are skipped and
+parameters already logged are not sent again; so a resumed study reuses its parent and child runs
+instead of duplicating them. Metrics go out in batches (``log_batch``), one call per Tune result.
+
+A tracking URI with ``user:password@`` is used to connect and shown or stored only redacted
+(``redact_uri``/``redact_text``); a study directory keeps the redacted form and ``scaling resume``
+takes the credentials from the environment (``connectable_uri``).
 
 Tags (relied on by ``analysis.table``):
   parent: ``scaling.role=study``, ``scaling.study``, ``scaling.spec_hash``, ``scaling.git_commit``
@@ -12,14 +26,20 @@ Tags (relied on by ``analysis.table``):
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import re
 import subprocess
+import sys
+import threading
 import time
+from collections import deque
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -29,7 +49,30 @@ from scaling.spec import StudySpec, dump_resolved, redact_uri
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 PARAM_LIMIT = 100  # MLflow's log_batch limit on params per call
 METRIC_LIMIT = 1000
+PENDING_FILE = "tracking_pending.jsonl"
+FLUSH_TIMEOUT_S = 60.0  # how long the end of a study waits for buffered writes before saving them
+STOP_FLUSH_TIMEOUT_S = 10.0  # the same on SIGTERM (`scaling stop` gives the driver RAY_JOB_STOP_WAIT_TIME_S)
 _PACKAGES = ("scaling", "torch", "torchvision", "ray", "optuna", "mlflow", "pyarrow", "numpy")
+
+# MLflow's HTTP client retries a failed call 7 times with backoff factor 2 (about 4 minutes) and
+# waits 120 s for an answer: one write to a stopped server would hold the writer for minutes. The
+# writer retries on its own, so one call should fail fast. ``setdefault``: the user's settings win.
+# MLflow also prints "View run ... at: <tracking URI>" on every set_terminated: the URI may hold a
+# password, and the study prints its own link.
+MLFLOW_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
+
+# MLflow error codes that no retry can fix (the request itself is wrong): reported and dropped.
+_CLIENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
+                            "BAD_REQUEST", "INVALID_STATE", "FEATURE_DISABLED", "ENDPOINT_NOT_FOUND", "NOT_FOUND"})
+
+
+class TrackingError(RuntimeError):
+    """The tracking server cannot be used to start or continue a study (the message holds no password)."""
 
 
 def resolve_tracking_uri(uri: str | None, *, cwd: Path | None = None) -> str:
@@ -41,6 +84,51 @@ def resolve_tracking_uri(uri: str | None, *, cwd: Path | None = None) -> str:
     if "://" not in uri:  # a plain directory: MLflow's file store
         return str((cwd / uri).resolve())
     return uri
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials
+
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s'\"]+@")
+
+
+def redact_text(text: str) -> str:
+    """Every ``scheme://user:password@`` in a message becomes ``scheme://***@`` (MLflow's errors quote the URL)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+def split_credentials(uri: str) -> tuple[str, str | None, str | None]:
+    """``https://user:pw@host/x`` -> (``https://host/x``, user, pw), decoded; (uri, None, None) without userinfo."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri, None, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), unquote(user), unquote(password) if password else None
+
+
+def connectable_uri(stored: str, env: Mapping[str, str] | None = None) -> str:
+    """The URI to connect with, from the form a study directory stores (credentials redacted to ``***@``).
+
+    The real credentials come from ``MLFLOW_TRACKING_URI`` (when it is the same URI, redacted) or from
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (MLflow sends them as basic auth).
+    """
+    if "***@" not in stored:
+        return stored
+    env = os.environ if env is None else env
+    from_env = env.get("MLFLOW_TRACKING_URI")
+    if from_env and redact_uri(from_env) == stored:
+        return from_env
+    if env.get("MLFLOW_TRACKING_USERNAME") or env.get("MLFLOW_TRACKING_TOKEN"):
+        return stored.replace("***@", "", 1)
+    raise TrackingError(f"the study tracks to {stored}, whose credentials are not stored with the study: set "
+                        f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_URI with the "
+                        f"credentials in it) and run the command again")
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
 
 
 def package_versions() -> dict[str, str]:
@@ -62,23 +150,322 @@ def git_commit(path: Path | None = None) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+# ---------------------------------------------------------------------------------------------
+# the writer
+
+
+def _say(message: str) -> None:
+    print(f"[scaling] {message}", file=sys.stderr, flush=True)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a failed write may succeed later (server down, timeout, 5xx, a locked database)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code not in _CLIENT_ERRORS
+    return isinstance(exc, (requests.RequestException, ConnectionError, TimeoutError))
+
+
+def _short_error(exc: BaseException) -> str:
+    """What went wrong, in a few words (MLflow's messages run to the whole urllib3 retry history)."""
+    text = redact_text(str(exc))
+    for needle, short in (("Connection refused", "connection refused"), ("timed out", "timed out"),
+                          ("Name or service not known", "unknown host"), ("RemoteDisconnected", "connection dropped")):
+        if needle in text:
+            return short
+    return (text.splitlines() or [type(exc).__name__])[0][:160]
+
+
+class _Rejected(Exception):
+    """A write that can never succeed (its run is gone, its file is missing)."""
+
+
+class _Writer:
+    """One thread, one ordered queue of JSON-serialisable write operations for one study.
+
+    An operation is a dict ``{"op": kind, "run": "study" | "trial:<id>", ...}``; it leaves the queue
+    only once MLflow accepted it, so the queue (saved to ``pending``) is always the set of writes not
+    yet made. Kinds: ``open_trial``, ``params``, ``metrics``, ``tags``, ``terminate``, ``artifact``.
+    """
+
+    def __init__(self, client: MlflowClient, *, display_uri: str, experiment_id: str, parent_run_id: str,
+                 children: dict[str, str], pending: Path | None, say: Callable[[str], None] = _say) -> None:
+        self.client, self.display_uri, self.say = client, display_uri, say
+        self.experiment_id, self.parent_run_id = experiment_id, parent_run_id
+        self.children = children  # trial id -> run id (the writer adds the runs it creates)
+        self.pending = pending
+        self.written = 0
+        self.rejected: list[str] = []
+        self._ops: deque[dict[str, Any]] = deque()
+        self._busy = False
+        # Reentrant: the SIGTERM handler (main thread) may enqueue while the main thread is inside put().
+        self._cond = threading.Condition(threading.RLock())
+        self._save_lock = threading.Lock()
+        self._epochs: dict[str, set[int]] = {}  # trial id -> epochs in its run's history
+        self._created: set[str] = set()  # trials whose create_run was attempted (search before trying again)
+        self._down_since: float | None = None
+        self._down_wall: str = ""
+        self._replayed_since_recovery = 0
+        self._recovering = False
+        self._saved_at = 0.0
+        self._file_written = pending is not None and pending.exists()
+        self._thread = threading.Thread(target=self._loop, name="scaling-mlflow-writer", daemon=True)
+        self._thread.start()
+        atexit.register(self._at_exit)
+
+    # -- the public side (any thread) --------------------------------------------------------
+
+    def put(self, op: dict[str, Any]) -> None:
+        with self._cond:
+            self._ops.append(op)
+            self._cond.notify_all()
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait until every queued write is made or ``timeout_s`` passed; returns how many are left."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._ops or self._busy) and time.monotonic() < deadline:
+                self._cond.wait(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+            return len(self._ops)
+
+    def save(self) -> int:
+        """Write the queue to the pending file atomically (or remove the file when nothing is left)."""
+        if self.pending is None:
+            return len(self._ops)
+        with self._save_lock:
+            with self._cond:
+                ops = list(self._ops)
+            if not ops:
+                if self._file_written:
+                    self.pending.unlink(missing_ok=True)
+                    self._file_written = False
+                return 0
+            tmp = self.pending.with_name(f".{self.pending.name}.tmp")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(op, sort_keys=True) + "\n" for op in ops)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(self.pending)
+            self._file_written = True
+            self._saved_at = time.monotonic()
+            return len(ops)
+
+    def _at_exit(self) -> None:  # the interpreter is leaving: keep what could not be written
+        if self._ops:
+            self.flush(2.0)
+            self.save()
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        delay = 0.0
+        while True:
+            with self._cond:
+                while not self._ops:
+                    self._cond.wait()
+                op = self._ops[0]
+                self._busy = True  # until the op's bookkeeping (the pending file included) is done
+            try:
+                self._apply(op)
+            except Exception as exc:  # noqa: BLE001 - every failure is either retried or reported
+                if _transient(exc) and not isinstance(exc, _Rejected):
+                    self._went_down(exc)
+                    delay = min(5.0, max(0.5, 2 * delay))
+                    time.sleep(delay)
+                    continue
+                reason = redact_text(f"{type(exc).__name__}: {exc}")[:300]
+                self.rejected.append(f"{op['op']} {op.get('run', op.get('trial', ''))}: {reason}")
+                self.say(f"MLflow refused a write ({op['op']} for {op.get('run', op.get('trial', '?'))}), "
+                         f"dropped: {reason}")
+            else:
+                self.written += 1
+            delay = 0.0
+            with self._cond:
+                self._ops.popleft()
+                left = len(self._ops)
+            if self._down_since is not None:
+                self._recovering, self._down_since = True, None
+            if self._recovering:
+                self._replayed_since_recovery += 1
+                if not left:
+                    self.say(f"MLflow at {self.display_uri} recovered (unreachable since {self._down_wall}); "
+                             f"{self._replayed_since_recovery} buffered writes replayed")
+                    self._recovering, self._replayed_since_recovery = False, 0
+            if not left and self._file_written:
+                self.save()  # everything made: the pending file goes
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _went_down(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self._down_since is None and not self._recovering:
+            self._down_since = now
+            self._down_wall = time.strftime("%H:%M:%S")
+            first = _short_error(exc)
+            self.say(f"MLflow at {self.display_uri} unreachable since {self._down_wall}; {len(self._ops)} writes "
+                     f"buffered, retrying in the background ({first})")
+        elif self._down_since is None:  # failed again while replaying: still the same outage
+            self._down_since, self._recovering = now, False
+        if now - self._saved_at > 2.0:
+            self.save()  # a driver killed during the outage loses nothing it had buffered
+
+    # -- operations --------------------------------------------------------------------------
+
+    def _run_id(self, ref: str) -> str:
+        if ref == "study":
+            return self.parent_run_id
+        trial = ref.removeprefix("trial:")
+        run_id = self.children.get(trial) or self._find_child(trial)
+        if run_id is None:
+            raise _Rejected(f"no MLflow run for {trial}")
+        return run_id
+
+    def _find_child(self, trial: str) -> str | None:
+        found = self.client.search_runs(
+            [self.experiment_id], max_results=1,
+            filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`scaling.trial_id` = '{_quote(trial)}'",
+        )
+        if found:
+            self.children[trial] = found[0].info.run_id
+            return found[0].info.run_id
+        return None
+
+    def _apply(self, op: dict[str, Any]) -> None:
+        kind = op["op"]
+        if kind == "open_trial":
+            self._open_trial(op["trial"], op["tags"], op["params"])
+            return
+        run_id = self._run_id(op["run"])
+        c = self.client
+        if kind == "params":
+            params = op["params"]
+            if op.get("only_new"):
+                existing = c.get_run(run_id).data.params
+                params = {k: v for k, v in params.items() if k not in existing}
+            self._log_params(run_id, params)
+        elif kind == "metrics":
+            epoch = op.get("epoch")
+            trial = op["run"].removeprefix("trial:")
+            if epoch is not None:
+                logged = self._epochs.get(trial)
+                if logged is None:  # a run from an earlier session: skip what its history has
+                    logged = self._epochs[trial] = {int(m.step) for m in c.get_metric_history(run_id, "epoch")}
+                if epoch in logged:
+                    return
+            items = [Metric(k, v, ts, step) for k, v, ts, step in op["metrics"]]
+            for i in range(0, len(items), METRIC_LIMIT):
+                c.log_batch(run_id, metrics=items[i:i + METRIC_LIMIT])
+            if epoch is not None:
+                self._epochs[trial].add(epoch)
+        elif kind == "tags":
+            c.log_batch(run_id, tags=[RunTag(k, v) for k, v in op["tags"].items()])
+        elif kind == "terminate":
+            c.set_terminated(run_id, status=op["status"])
+        elif kind == "artifact":
+            if not Path(op["path"]).is_file():
+                raise _Rejected(f"{op['path']} is gone")
+            c.log_artifact(run_id, op["path"], op.get("dir"))
+        else:
+            raise _Rejected(f"unknown operation {kind!r}")
+
+    def _open_trial(self, trial: str, tags: dict[str, str], params: dict[str, str]) -> None:
+        c = self.client
+        run_id = self.children.get(trial)
+        if run_id is None and trial in self._created:  # an earlier attempt may have created it
+            run_id = self._find_child(trial)
+        if run_id is None:
+            self._created.add(trial)
+            run_id = c.create_run(self.experiment_id, tags=tags, run_name=trial).info.run_id
+            self.children[trial] = run_id
+            self._epochs[trial] = set()
+            self._log_params(run_id, params)
+            return
+        run = c.get_run(run_id)  # a trial that continues (restart, resume): reopen its run
+        if run.info.status != "RUNNING":
+            c.update_run(run_id, status="RUNNING")
+        c.set_tag(run_id, "scaling.status", "running")
+        if "scaling.failure_reason" in run.data.tags:  # left by a stopped study
+            c.delete_tag(run_id, "scaling.failure_reason")
+        self._log_params(run_id, {k: v for k, v in params.items() if k not in run.data.params})
+
+    def _log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_LIMIT):
+            self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT])
+
+
+# ---------------------------------------------------------------------------------------------
+# the tracker
+
+_ACTIVE: dict[str, "StudyTracker"] = {}  # study dir -> its tracker in this process
+
+
+def active_tracker(study_dir: str | Path) -> "StudyTracker | None":
+    """The tracker that opened this study in this process (the Tune callback shares its writer)."""
+    return _ACTIVE.get(str(study_dir))
+
+
 class StudyTracker:
-    """MLflow bookkeeping of one study (runs in the Tune driver process)."""
+    """MLflow bookkeeping of one study (runs in the Tune driver process).
+
+    ``start_study`` talks to MLflow directly (a study does not start without its tracking server);
+    every later write is queued for the study's writer thread and returns at once.
+    """
 
     def __init__(self, spec: StudySpec, *, tracking_uri: str | None = None, raw_spec: str | None = None) -> None:
         self.spec = spec
         self.tracking_uri = resolve_tracking_uri(tracking_uri or spec.tracking.uri)
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        if self.tracking_uri.startswith(("http://", "https://")):
+            for key, value in MLFLOW_ENV.items():
+                os.environ.setdefault(key, value)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)  # reads (and start_study's writes)
         self.raw_spec = raw_spec
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
+        self.study_dir: Path | None = None
+        self.writer: _Writer | None = None
         self._children: dict[str, str] = {}
-        self._logged_epochs: dict[str, set[int]] = {}
+        self._started: set[str] = set()  # trials opened in this process
+        self._open: set[str] = set()  # ... and not ended
+        self._ended = False
 
     # -- study ------------------------------------------------------------------------------
 
     def start_study(self, *, study_dir: Path) -> str:
-        """Create (or find, on resume) the experiment and the study's parent run; returns its id."""
+        """Create (or find, on resume) the experiment and the study's parent run; returns its id.
+
+        Also starts the writer and queues the writes an earlier session left in the study directory.
+        Raises TrackingError when MLflow cannot be reached.
+        """
+        try:
+            run_id = self._open_study(study_dir)
+        except TrackingError:
+            raise
+        except Exception as exc:  # MLflow's messages quote the URL, which may hold a password
+            raise TrackingError(f"cannot open the study's MLflow runs at {redact_uri(self.tracking_uri)}: "
+                                f"{redact_text(str(exc)).splitlines()[0][:500] if str(exc) else type(exc).__name__}") from None
+        self.study_dir = Path(study_dir)
+        pending = self.study_dir / PENDING_FILE if self.study_dir.is_dir() else None
+        saved = _read_pending(pending) if pending is not None else []
+        self.writer = _Writer(MlflowClient(tracking_uri=self.tracking_uri), display_uri=redact_uri(self.tracking_uri),
+                              experiment_id=str(self.experiment_id), parent_run_id=run_id, children=self._children,
+                              pending=pending)
+        # Closing runs because the study stopped is undone by this very resume: drop those writes.
+        replay = [op for op in saved if not op.get("on_stop")]
+        if replay:
+            _say(f"replaying {len(replay)} MLflow writes an earlier session could not make ({pending})")
+        for op in replay:
+            self.writer.put(op)
+        _ACTIVE[str(study_dir)] = self
+        return run_id
+
+    def _open_study(self, study_dir: Path) -> str:
         exp = self.client.get_experiment_by_name(self.spec.experiment)
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(self.spec.experiment)
         found = self.client.search_runs(
@@ -89,6 +476,8 @@ class StudyTracker:
         if found:
             self.parent_run_id = found[0].info.run_id
             self.client.update_run(self.parent_run_id, status="RUNNING")
+            if "scaling.failure_reason" in found[0].data.tags:
+                self.client.delete_tag(self.parent_run_id, "scaling.failure_reason")
             self._load_children()
             return self.parent_run_id
         tags = {
@@ -112,24 +501,53 @@ class StudyTracker:
             "study.tracking_uri": redact_uri(self.tracking_uri),
             "scaling.search_space": json.dumps(self.spec.space.describe(), sort_keys=True),
         }
-        self._log_params(self.parent_run_id, params)
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), PARAM_LIMIT):
+            self.client.log_batch(self.parent_run_id, params=items[i:i + PARAM_LIMIT])
         self.client.log_text(self.parent_run_id, dump_resolved(self.spec), "spec/resolved.yaml")
         if self.raw_spec is not None:
             self.client.log_text(self.parent_run_id, self.raw_spec, "spec/spec.yaml")
         self.client.log_dict(self.parent_run_id, package_versions(), "spec/versions.json")
         return self.parent_run_id
 
-    def end_study(self, *, status: str = "FINISHED", summary: Mapping[str, Any] | None = None) -> None:
-        """Close the parent run with the right status (MLflow's exit handler would mark it FINISHED)."""
-        if self.parent_run_id is None:
-            return
+    def end_study(self, *, status: str = "FINISHED", summary: Mapping[str, Any] | None = None,
+                  reason: str | None = None, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """Close the parent run with the right status (MLflow's exit handler would mark it FINISHED).
+
+        A study that did not finish (KILLED: stopped; FAILED: crashed, with ``reason``) also closes the
+        child runs of the trials still open, as KILLED with ``scaling.failure_reason`` saying so;
+        ``scaling resume`` reopens them. Waits up to ``timeout_s`` for the writer; what is still unwritten
+        is saved to the study directory and the user is told. Returns the number of writes left.
+        Only the first call acts (the SIGTERM handler and the crash path both call it).
+        """
+        if self.parent_run_id is None or self.writer is None or self._ended:
+            return 0
+        self._ended = True
+        stopped = status != "FINISHED"
+        if stopped:
+            why = "the study was stopped" if status == "KILLED" else "the study failed"
+            for trial in sorted(self._open):
+                self._put("tags", f"trial:{trial}", on_stop=True, tags={
+                    "scaling.status": "failed",
+                    "scaling.failure_reason": f"{why} before the trial ended; `scaling resume` continues it"})
+                self._put("terminate", f"trial:{trial}", on_stop=True, status="KILLED")
+            self._open.clear()
         if summary:
             metrics = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self._log_metrics(self.parent_run_id, metrics, step=0)
-            tags = {f"scaling.{k}": str(v) for k, v in summary.items() if k not in metrics}
+            self._log_metrics("study", metrics, step=0)
+            tags = {f"scaling.{k}": str(v)[:5000] for k, v in summary.items() if k not in metrics}
             if tags:
-                self.client.log_batch(self.parent_run_id, tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
-        self.client.set_terminated(self.parent_run_id, status=status)
+                self._put("tags", "study", tags=tags)
+        if reason:
+            self._put("tags", "study", on_stop=True, tags={"scaling.failure_reason": redact_text(reason)[:5000]})
+        self._put("terminate", "study", on_stop=stopped, status=status)
+        left = self.writer.flush(timeout_s)
+        if left:
+            saved = self.writer.save()
+            where = self.study_dir / PENDING_FILE if self.study_dir else "?"
+            _say(f"MLflow at {redact_uri(self.tracking_uri)} is still unreachable: {saved} writes saved to {where}; "
+                 f"`scaling resume {self.study_dir}` replays them")
+        return left
 
     # -- trials -----------------------------------------------------------------------------
 
@@ -150,18 +568,18 @@ class StudyTracker:
                 break
 
     def child_run(self, trial_id: str) -> str | None:
+        """The trial's run id, once the writer created (or found) it."""
         return self._children.get(trial_id)
 
-    def start_trial(self, trial_id: str, params: Mapping[str, Any]) -> str:
-        """The trial's child run, created once; a resumed trial continues its run."""
+    def has_trial(self, trial_id: str) -> bool:
+        """Whether ``start_trial`` was called for this trial in this process."""
+        return trial_id in self._started
+
+    def start_trial(self, trial_id: str, params: Mapping[str, Any]) -> None:
+        """Queue the trial's child run: created once (found by tags), reopened when the trial continues."""
         assert self.experiment_id and self.parent_run_id, "start_study first"
-        run_id = self._children.get(trial_id)
-        if run_id is not None:
-            history = self.client.get_metric_history(run_id, "epoch")
-            self._logged_epochs[trial_id] = {int(m.step) for m in history}
-            self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, "scaling.status", "running")
-            return run_id
+        self._started.add(trial_id)
+        self._open.add(trial_id)
         tags = {
             "mlflow.parentRunId": self.parent_run_id,
             "scaling.role": "trial",
@@ -169,51 +587,60 @@ class StudyTracker:
             "scaling.trial_id": trial_id,
             "scaling.status": "running",
         }
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=trial_id)
-        self._children[trial_id] = run.info.run_id
-        self._log_params(run.info.run_id, params)
-        return run.info.run_id
+        self._put_op({"op": "open_trial", "trial": trial_id, "tags": tags,
+                      "params": {k: _param_value(v) for k, v in params.items()}})
 
     def log_params(self, trial_id: str, params: Mapping[str, Any]) -> None:
-        run_id = self._children[trial_id]
-        existing = self.client.get_run(run_id).data.params
-        self._log_params(run_id, {k: v for k, v in params.items() if k not in existing})
+        """Parameters the run does not have yet (a restarted trial reports its derived values again)."""
+        self._put("params", f"trial:{trial_id}", only_new=True, params={k: _param_value(v) for k, v in params.items()})
+
+    def set_trial_tags(self, trial_id: str, tags: Mapping[str, str]) -> None:
+        self._put("tags", f"trial:{trial_id}", tags={k: str(v)[:5000] for k, v in tags.items()})
 
     def log_epoch(self, trial_id: str, metrics: Mapping[str, float], *, epoch: int) -> None:
-        """Per-epoch metrics with step = epoch. Re-logging an epoch after a restore is skipped."""
-        run_id = self._children[trial_id]
-        logged = self._logged_epochs.setdefault(trial_id, set())
-        if epoch in logged:
-            return
-        self._log_metrics(run_id, {**metrics, "epoch": epoch}, step=epoch)
-        logged.add(epoch)
+        """Per-epoch metrics with step = epoch. An epoch already in the run's history is skipped."""
+        self._log_metrics(f"trial:{trial_id}", {**metrics, "epoch": epoch}, step=epoch, epoch=epoch)
 
     def end_trial(self, trial_id: str, *, status: str, reason: str | None = None,
                   final: Mapping[str, float] | None = None) -> None:
         """Close a child run: status completed|pruned|failed (+ reason), final metrics."""
-        run_id = self._children.get(trial_id)
-        if run_id is None:
+        if trial_id not in self._started and trial_id not in self._children:
             return
-        tags = [RunTag("scaling.status", status)]
+        if self._ended and trial_id not in self._open:
+            return  # closed as KILLED by the study's stop; `scaling resume` finishes it
+        self._open.discard(trial_id)
+        if final:
+            self._log_metrics(f"trial:{trial_id}", final, step=0)
+        tags = {"scaling.status": status}
         if reason:
-            tags.append(RunTag("scaling.failure_reason", reason[:5000]))
-        self.client.log_batch(run_id, tags=tags)
+            tags["scaling.failure_reason"] = redact_text(reason)[:5000]
+        self._put("tags", f"trial:{trial_id}", tags=tags)
         mlflow_status = {"completed": "FINISHED", "pruned": "KILLED", "failed": "FAILED"}[status]
-        self.client.set_terminated(run_id, status=mlflow_status)
+        self._put("terminate", f"trial:{trial_id}", status=mlflow_status)
 
-    # -- batching -----------------------------------------------------------------------------
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        """A file of the study directory as an artifact of the parent run (queued: the file must stay)."""
+        self._put("artifact", "study", path=str(path), dir=artifact_path)
 
-    def _log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        items = [Param(k, _param_value(v)) for k, v in params.items()]
-        for i in range(0, len(items), PARAM_LIMIT):
-            self.client.log_batch(run_id, params=items[i:i + PARAM_LIMIT])
+    def flush(self, timeout_s: float = FLUSH_TIMEOUT_S) -> int:
+        """Wait for the writer; returns the number of writes not made yet."""
+        return self.writer.flush(timeout_s) if self.writer else 0
 
-    def _log_metrics(self, run_id: str, metrics: Mapping[str, float], *, step: int) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+    # -- queueing ------------------------------------------------------------------------------
+
+    def _put(self, kind: str, run: str, **fields: Any) -> None:
+        self._put_op({"op": kind, "run": run, **fields})
+
+    def _put_op(self, op: dict[str, Any]) -> None:
+        assert self.writer is not None, "start_study first"
+        self.writer.put(op)
+
+    def _log_metrics(self, run: str, metrics: Mapping[str, float], *, step: int, epoch: int | None = None) -> None:
+        now = int(time.time() * 1000)  # fixed now: a replayed write is the same metric, not a second one
+        items = [[k, float(v), now, step] for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for i in range(0, len(items), METRIC_LIMIT):
-            self.client.log_batch(run_id, metrics=items[i:i + METRIC_LIMIT])
+        if items:
+            self._put("metrics", run, metrics=items, epoch=epoch)
 
     def experiment_url_hint(self) -> str:
         """The command that opens the MLflow UI on this study."""
@@ -223,6 +650,18 @@ class StudyTracker:
         return f"mlflow ui --backend-store-uri {uri}   # then open http://127.0.0.1:5000/#/experiments/{self.experiment_id}/runs"
 
 
+def _read_pending(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    ops = []
+    for line in path.read_text().splitlines():
+        try:
+            ops.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line cannot happen (atomic replace), but never crash on it
+            continue
+    return ops
+
+
 def _param_value(v: Any) -> str:
     s = v if isinstance(v, str) else json.dumps(v) if isinstance(v, (list, dict)) else str(v)
     return s[:6000]
@@ -230,4 +669,3 @@ def _param_value(v: Any) -> str:
 
 def _quote(s: str) -> str:
     return s.replace("'", "\\'")
-

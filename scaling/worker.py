@@ -8,6 +8,7 @@ loaded with ``torch.load(weights_only=True)`` and training continues after its e
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import ray.train.torch
 import torch
 
 from scaling import dist
+from scaling.failures import TrialOutOfMemoryError, is_out_of_memory
 from scaling.loop import EpochMetrics, NonFiniteLossError, TrainState, derived_params, flops_per_image, load_data, train
 from scaling.spec import TrialConfig
 
@@ -54,16 +56,63 @@ def train_fn(config: dict[str, Any]) -> None:
             torch.save(ts.state_dict(), Path(tmp) / CHECKPOINT_FILE)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    if state is not None and state["epoch"] >= cfg.train.epochs and state["history"]:
+    if state is not None and state["history"] and config.get("replay_history"):
+        # A resumed study: Ray Train may have checkpointed epochs the killed driver never recorded
+        # (and Tune starts the trial's result file afresh). Report the checkpoint's history again;
+        # the tracker and the TrialTable keep one record per epoch.
+        for i, past in enumerate(state["history"]):
+            extra = {f"derived.{k}": v for k, v in derived.items()} if i == 0 else {}
+            ray.train.report({**past, **extra, "target_epochs": cfg.train.epochs, "replayed": True}, checkpoint=None)
+        first["done"] = True
+        if state["epoch"] >= cfg.train.epochs:
+            return
+    elif state is not None and state["epoch"] >= cfg.train.epochs and state["history"]:
         # Finished before the driver could record it (e.g. the study was killed): report the final
         # epoch again so Tune and the searcher get the trial's result; the tracker skips known epochs.
         ray.train.report({**state["history"][-1], "target_epochs": cfg.train.epochs}, checkpoint=None)
         return
     prepare = ray.train.torch.prepare_model if dist.world_size() > 1 else None
+    where = _Progress(done_epochs=state["epoch"] if state is not None else 0)
     try:
-        train(cfg, data=data, device=device, state=state, on_epoch=on_epoch, prepare_model=prepare)
-    except NonFiniteLossError as exc:
-        # Ray ships a worker's exception to the driver by pickling it; NonFiniteLossError's
-        # (epoch, step, value) constructor does not survive that (the reason arrived as a TypeError
-        # from unpickling), so the driver gets its base class with the same message.
-        raise FloatingPointError(str(exc)) from exc
+        train(cfg, data=data, device=device, state=state, on_epoch=where.wrap(on_epoch), on_step=where.on_step,
+              prepare_model=prepare)
+    except NonFiniteLossError:
+        raise  # picklable with its fields; not retried (scaling.failures)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        # Not retried either; `from None` lets the failed step's tensors go with its frames.
+        raise TrialOutOfMemoryError(where.describe(), _first_line(exc)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# error handling
+
+
+class _Progress:
+    """Where training is (epoch, step, or the evaluation after an epoch), for failures that do not say."""
+
+    def __init__(self, done_epochs: int) -> None:
+        self.done, self.epoch, self.step, self.steps = done_epochs, done_epochs + 1, 0, 0
+
+    def on_step(self, epoch: int, step: int, steps: int) -> None:
+        self.epoch, self.step, self.steps = epoch, step, steps
+
+    def wrap(self, on_epoch: Any) -> Any:
+        def tracked(metrics: EpochMetrics, ts: TrainState) -> None:
+            self.done = metrics.epoch
+            on_epoch(metrics, ts)
+        return tracked
+
+    def describe(self) -> str:
+        if self.steps and self.step == self.steps:  # the epoch's last step is done
+            if self.done < self.epoch:
+                return f"in the evaluation after epoch {self.epoch}"
+            return f"at epoch {self.epoch + 1} step 1"
+        return f"at epoch {self.epoch} step {self.step + 1}"
+
+
+def _first_line(exc: BaseException) -> str:
+    """torch's allocator message without its C++ location prefix ("[enforce fail at alloc_cpu.cpp:127] err == 0.")."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^\[enforce fail at [^\]]*\]\s*[^.]*\.\s*", "", text)[:500]

@@ -6,6 +6,7 @@ The cluster path (``ray start`` + Ray Jobs with token auth) is covered by the cl
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -26,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from scaling.spec import SpecError, StudySpec, load_spec, redact_uri, spec_from_dict
 from scaling.study import new_study_dir, trial_name
-from scaling.tracking import StudyTracker
+from scaling.tracking import StudyTracker, connectable_uri, redact_text, split_credentials
 from tests.test_study import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +71,77 @@ def test_tracking_password_is_redacted_and_never_reaches_mlflow(mlflow_server: s
     assert "study.tracking_uri=http://***@" in everything
     assert SECRET not in everything and "alice" not in everything
     assert SECRET not in tracker.experiment_url_hint()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_credentials_stay_out_of_study_files_logs_and_runs(ray_local: None, mlflow_server: str, tmp_path: Path,
+                                                           capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole study tracked through `http://alice:<password>@host`: the password is used to connect but
+    is in no file of the study directory (study.json, resolved.yaml, Tune's pickled state, checkpoints),
+    no line the study printed, no Ray log, no MLflow param, tag or artifact; study.json keeps the URI
+    redacted, so `scaling resume` asks for the credentials instead of reading them from disk."""
+    import ray._private.worker as worker
+
+    from scaling.study import StudyError, resume_study, run_study
+
+    host = urlsplit(mlflow_server).netloc
+    uri = f"http://alice:{SECRET}@{host}"
+    raw = tiny_spec("creds-study", trials=1, epochs=1)
+    result = run_study(spec_from_dict(raw), raw_spec=yaml.safe_dump(raw), storage=tmp_path / "studies",
+                       tracking_uri=uri, progress=False)
+    assert result.trials.to_pylist()[0]["status"] == "completed"
+
+    info = json.loads((result.study_dir / "study.json").read_text())
+    assert info["tracking_uri"] == f"http://***@{host}"
+    leaks = [str(p) for p in result.study_dir.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    printed = capfd.readouterr()
+    assert SECRET not in printed.out + printed.err
+    assert SECRET not in result.ui_hint
+    session = Path(worker._global_node.get_session_dir_path())
+    leaks = [str(p) for p in session.rglob("*") if p.is_file() and not p.is_symlink() and SECRET.encode() in p.read_bytes()]
+    assert not leaks, leaks
+    client = MlflowClient(tracking_uri=mlflow_server)
+    everything = _all_text_of_study(client, result.experiment_id, tmp_path / "artifacts")
+    assert SECRET not in everything and f"study.tracking_uri=http://***@{host}" in everything
+
+    # resume: the credentials come from the environment, never from the study directory
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(StudyError, match="MLFLOW_TRACKING_USERNAME") as info_err:
+        resume_study(result.study_dir, progress=False)
+    assert SECRET not in str(info_err.value)
+    assert connectable_uri(info["tracking_uri"], {"MLFLOW_TRACKING_URI": uri}) == uri
+    assert connectable_uri(info["tracking_uri"], {"MLFLOW_TRACKING_USERNAME": "alice"}) == f"http://{host}"
+
+
+def test_job_request_keeps_the_password_out_of_the_job_listing() -> None:
+    """`ray job list`, the dashboard and `scaling status` show a job's entrypoint and metadata: a password
+    in the tracking URI goes to the job as MLflow's own environment variables instead."""
+    from scaling.cluster import JOB_ENV, job_request
+
+    spec = spec_from_dict(tiny_spec("job-creds"))
+    uri = f"https://alice:{SECRET.replace('-', '%2D')}@mlflow.example.org:5000/prefix"
+    entrypoint, metadata, env_vars = job_request(spec, rel_spec="_job/job-creds.yaml", tracking_uri=uri,
+                                                 storage="/mnt/shared/studies")
+    assert SECRET not in entrypoint and "alice" not in entrypoint and "%2D" not in entrypoint
+    assert "--tracking-uri https://mlflow.example.org:5000/prefix " in entrypoint
+    assert SECRET not in json.dumps(metadata) and metadata["scaling.tracking_uri"] == "https://***@mlflow.example.org:5000/prefix"
+    assert env_vars == {**JOB_ENV, "MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": SECRET}
+    assert int(env_vars["RAY_JOB_STOP_WAIT_TIME_S"]) > 10  # time to close the study's runs on `scaling stop`
+    plain, _, plain_env = job_request(spec, rel_spec="x.yaml", tracking_uri="http://10.0.0.7:5000", storage="/s")
+    assert "--tracking-uri http://10.0.0.7:5000 " in plain and "MLFLOW_TRACKING_PASSWORD" not in plain_env
+
+
+def test_error_messages_are_redacted() -> None:
+    text = (f"API request to http://alice:{SECRET}@127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed; "
+            f"postgresql://u:{SECRET}@db/x and 'https://tok@host'")
+    out = redact_text(text)
+    assert SECRET not in out and "tok@" not in out
+    assert "http://***@127.0.0.1:5000/api" in out and "postgresql://***@db/x" in out
+    assert split_credentials(f"http://alice:{SECRET}@h:1/p?q=1") == ("http://h:1/p?q=1", "alice", SECRET)
+    assert split_credentials("sqlite:////tmp/mlflow.db") == ("sqlite:////tmp/mlflow.db", None, None)
 
 
 def test_credentials_in_the_spec_are_refused_and_not_echoed(tmp_path: Path) -> None:

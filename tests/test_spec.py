@@ -97,6 +97,26 @@ def test_bad_specs_name_the_field(tmp_path: Path, over: dict, field: str, fragme
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("override, field", [
+    ("batch_size=true", "train.batch_size"), ("temperature=false", "train.temperature"),
+    ("data.size=yes", "data.size"), ("eval.knn_k=on", "eval.knn_k"), ("search.repeats=true", "search.repeats"),
+    ("resources.cpus_per_worker=true", "resources.cpus_per_worker"), ("train.fault_nan_at_step=true", "train.fault_nan_at_step"),
+    ("loss.mu=true", "train.loss_params"),
+])
+def test_booleans_are_not_numbers(tmp_path: Path, override: str, field: str) -> None:
+    """pydantic's lax mode would read `true` as 1 and `false` as 0.0: a boolean where a number belongs is refused."""
+    path = write(tmp_path, base(train={"epochs": 2, "batch_size": 64, "loss": "adnce"}))
+    with pytest.raises(SpecError) as info:
+        load_spec(path, [override])
+    assert info.value.field == field, str(info.value)
+    assert "boolean" in info.value.reason or "must be a float" in info.value.reason, str(info.value)
+
+
+def test_boolean_fields_still_take_booleans(tmp_path: Path) -> None:
+    spec = load_spec(write(tmp_path, base()), ["eval.linear_probe=true", "eval.test=false"])
+    assert spec.eval.linear_probe is True and spec.eval.test is False
+
+
 def test_yaml_python_tags_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.yaml"
     path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
