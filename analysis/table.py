@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,6 +148,12 @@ class ParamSpec:
         if self.log_scale is not None:
             out["log"] = self.log_scale
         return out
+
+
+def redact_uri(uri: str) -> str:
+    """Hide credentials in a URI (``scheme://user:pass@host`` -> ``scheme://***@host``): tables and
+    reports are shared, passwords must not travel with them."""
+    return re.sub(r"(//)[^/@]+@", r"\1***@", uri)
 
 
 def _is_number(v: Any) -> bool:
@@ -508,7 +515,7 @@ def load_trials_mlflow(experiment: str | None = None, *, parent_run_id: str | No
         space_json = {k: v.to_json() for k, v in inferred.items()}
     trials = with_metadata(trials, search_space=space_json, metric=metric, mode=mode,
                            parent_run_id=None if parent is None else parent.info.run_id,
-                           tracking_uri=uri)
+                           tracking_uri=redact_uri(uri))
     return trials, curves
 
 

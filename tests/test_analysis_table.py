@@ -258,3 +258,10 @@ def test_analyze_from_mlflow_logs_report_to_the_parent_run(store, tmp_path):
         analyze(trials=tmp_path / "other", parent_run_id="nope", tracking_uri=uri, out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
     np.testing.assert_equal(json.loads((tmp_path / "report" / "sensitivity.json").read_text())["metric"], "knn_top1")
+
+
+def test_tracking_uri_credentials_are_redacted_before_they_reach_tables() -> None:
+    from analysis.table import redact_uri
+
+    assert redact_uri("https://alice:s3cret@mlflow.example:5000/x") == "https://***@mlflow.example:5000/x"
+    assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
