@@ -3,7 +3,7 @@
 Three layers (Ray's Train-inside-Tune pattern for Train V2, see NOTES.md):
 
 1. ``scaling.worker.train_fn``: the per-worker function (DDP, global negatives).
-2. ``trial_driver``: the Tune trainable, one per trial; builds a ``TorchTrainer`` for the
+2. ``scaling.trial.trial_driver``: the Tune trainable, one per trial; builds a ``TorchTrainer`` for the
    sampled config and forwards rank 0's per-epoch reports to Tune (``TuneReportCallback``).
    It reserves no CPU of its own (a custom ``scaling_trial`` resource, or 0.01 CPU on a cluster
    that lacks it), so drivers plus their workers never deadlock the cluster.
@@ -35,7 +35,6 @@ from typing import Any, Callable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.logger import JsonLoggerCallback
 from rich.console import Console
 from rich.live import Live
@@ -44,6 +43,7 @@ from rich.table import Table
 from scaling.spec import StudySpec, SpecError, dump_resolved, is_remote_uri, load_spec, redact_uri
 from scaling.tracking import (STOP_FLUSH_TIMEOUT_S, StudyTracker, TrackingError, active_tracker, connectable_uri,
                               resolve_tracking_uri)
+from scaling.trial import trial_driver
 
 TRIAL_RESOURCE = "scaling_trial"
 RESULT_KEYS = ("train_loss", "knn_top1", "knn_top1_test", "linear_top1", "linear_top1_test", "alignment", "uniformity",
@@ -116,88 +116,6 @@ def init_ray(address: str | None, concurrent: int, *, study_dir: Path) -> None:
     else:
         ray.init(resources={TRIAL_RESOURCE: concurrent}, runtime_env=runtime_env, log_to_driver=False,
                  include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
-
-
-# ---------------------------------------------------------------------------------------------
-# layer 2: the per-trial driver
-
-
-def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequence[str], workers: int,
-                 cpus_per_worker: float, gpus_per_worker: float, train_storage: str, failures: int) -> None:
-    """Tune trainable: one TorchTrainer for one sampled config; rank 0's reports flow to Tune."""
-    import ray.train
-    import ray.tune
-
-    from scaling.failures import TrialTrainer  # a TorchTrainer that does not retry NaN / out of memory
-    from scaling.spec import TrialConfig
-    from scaling.worker import train_fn
-
-    cfg = trial_config(TrialConfig.model_validate(base), config, names)
-    trial_name = ray.tune.get_context().get_trial_name()
-    node_id = ray.get_runtime_context().get_node_id()
-    trainer = TrialTrainer(
-        train_fn,
-        train_loop_config={"trial": cfg.model_dump(mode="json"), "threads": max(1, int(cpus_per_worker)),
-                           # this trial ran in an earlier session (a resumed study): replay its checkpoint's epochs
-                           "replay_history": (Path(train_storage) / trial_name).is_dir()},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=workers, use_gpu=gpus_per_worker > 0,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=trial_name, storage_path=train_storage, callbacks=[_NodeReportCallback(node_id)],
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            failure_config=ray.train.FailureConfig(max_failures=failures),
-        ),
-    )
-    trainer.fit()
-    _drain_train_reports()
-
-
-class _NodeReportCallback(TuneReportCallback):
-    """Forwards rank 0's reports to Tune; the first carries ``derived.node_id`` (the trial driver's Ray node)."""
-
-    def __init__(self, node_id: str) -> None:
-        super().__init__()
-        self._node_id, self._sent = node_id, False
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not self._sent and metrics:
-            metrics = [{**metrics[0], "derived.node_id": self._node_id}, *metrics[1:]]
-            self._sent = True
-        super().after_report(run_context, metrics, checkpoint)
-
-
-def _drain_train_reports(timeout_s: float = 120.0) -> None:
-    """Wait until Tune has taken every report Ray Train relayed to this trial.
-
-    Works around a race in Ray 2.60's Train-inside-Tune bridge: when the trainable returns while a
-    report still sits in the inter-actor queue, Tune's final "function returned" result fills the
-    one-slot result queue first and relaying the pending report then blocks forever (seen under
-    load: the trial stays RUNNING with its driver parked in ``Queue.put``).
-    """
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    queue = getattr(session, "_inter_actor_queue", None)
-    if session is None or queue is None:
-        return
-    deadline = time.monotonic() + timeout_s
-    quiet = 0
-    while time.monotonic() < deadline and quiet < 3:
-        idle = queue.empty() and session.result_queue.empty()
-        quiet = quiet + 1 if idle else 0
-        time.sleep(0.1)
-
-
-def trial_config(base: Any, config: dict[str, Any], names: Sequence[str]) -> Any:
-    """The TrialConfig of one Tune trial: the spec's base plus the sampled flat params (+ repeat seed)."""
-    params = {k: v for k, v in config.items() if k in names}
-    cfg = base.with_params(params)
-    repeat = int(config.get("__trial_index__", 0) or 0)
-    if repeat:
-        cfg = cfg.with_params({"seed": cfg.train.seed + repeat})
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Each worker trains its slice of every global batch (``scaling.loop``); every wor
 ``ray.train.report`` once per epoch (Ray requires it), rank 0 attaches the checkpoint (model,
 optimizer, loss state such as iSogCLR temperatures, RNG). On a restart the latest checkpoint is
 loaded with ``torch.load(weights_only=True)`` and training continues after its epoch.
+
+Imports of torch and the training code live inside the functions: Ray Train's controller actor
+unpickles ``train_fn`` (so imports this module) at the start of every trial, and it needs none of them.
 """
 
 from __future__ import annotations
@@ -11,32 +14,51 @@ from __future__ import annotations
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray.train
-import ray.train.torch
-import torch
 
-from scaling import dist
-from scaling.failures import TrialOutOfMemoryError, is_out_of_memory
-from scaling.loop import EpochMetrics, NonFiniteLossError, TrainState, derived_params, flops_per_image, load_data, train
-from scaling.spec import TrialConfig
+if TYPE_CHECKING:
+    from scaling.loop import EpochMetrics, TrainState
+    from scaling.spec import TrialConfig
 
 CHECKPOINT_FILE = "state.pt"
+
+
+def trial_config(config: dict[str, Any]) -> TrialConfig:
+    """A trial's config from ``train_fn``'s: the full ``trial`` JSON, or the study's ``base`` plus the
+    sampled flat ``params`` (and a ``repeat`` index that offsets the seed)."""
+    from scaling.spec import TrialConfig
+
+    if "trial" in config:
+        return TrialConfig.model_validate(config["trial"])
+    cfg = TrialConfig.model_validate(config["base"]).with_params(config.get("params", {}))
+    repeat = int(config.get("repeat", 0) or 0)
+    return cfg.with_params({"seed": cfg.train.seed + repeat}) if repeat else cfg
 
 
 def load_checkpoint_state(checkpoint: ray.train.Checkpoint | None) -> dict[str, Any] | None:
     """The TrainState dict inside a Ray checkpoint (tensors only: safe ``weights_only`` load)."""
     if checkpoint is None:
         return None
+    import torch
+
     with checkpoint.as_directory() as d:
         return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def train_fn(config: dict[str, Any]) -> None:
-    """Ray Train ``train_loop_per_worker``: ``config = {"trial": TrialConfig JSON}``."""
+    """Ray Train ``train_loop_per_worker``; ``config``: see ``trial_config``, plus ``threads`` and
+    ``replay_history`` (a resumed trial reports its checkpoint's epochs again)."""
+    import ray.train.torch
+    import torch
+
+    from scaling import dist
+    from scaling.failures import TrialOutOfMemoryError, is_out_of_memory
+    from scaling.loop import NonFiniteLossError, derived_params, flops_per_image, load_data, train
+
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
-    cfg = TrialConfig.model_validate(config["trial"])
+    cfg = trial_config(config)
     device = ray.train.torch.get_device()
     data = load_data(cfg)
     state = load_checkpoint_state(ray.train.get_checkpoint())
