@@ -12,7 +12,9 @@ bare (target <= 5 s). For the TorchTrainer that is its ``fit()`` wall minus the 
 For Tune it is the *marginal* wall of one more trial, ``(T3 - T1) / 2`` for the 3- and 1-trial
 studies, minus the bare loop's wall: what every trial of a study costs on top of its compute. What a
 study pays once (MLflow store and parent run, Tune set-up, Parquet export) is reported apart as
-``study_fixed_s = T1 - per_trial_wall``. JSON in benchmarks/results/overhead.json.
+``study_fixed_s = T1 - per_trial_wall``. For scale, ``ray_floor_noop_fit_s`` is Ray Train's own
+cost for a worker function that does nothing (``fit()`` wall: controller start, worker-group start,
+teardown), measured in the same run. JSON in benchmarks/results/overhead.json.
 
 Run: ``python -m benchmarks.overhead`` (about 3 minutes on 2 cores).
 """
@@ -75,6 +77,28 @@ def with_trainer(storage: str) -> dict[str, float]:
     return {"total_s": total, "per_step_s": per_step([dict(h) for h in history])}
 
 
+def _noop(config: dict[str, Any]) -> None:
+    import ray.train
+
+    ray.train.report({"done": 1})
+
+
+def ray_floor(storage: str) -> dict[str, float]:
+    """Ray Train's own floor: ``fit()`` of a TorchTrainer whose worker function only reports once
+    (controller and worker-group start-up, process group, teardown). Median of 3."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    walls = []
+    for i in range(3):
+        trainer = TorchTrainer(_noop, scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                               run_config=ray.train.RunConfig(name=f"noop{i}", storage_path=storage))
+        start = time.perf_counter()
+        trainer.fit()
+        walls.append(time.perf_counter() - start)
+    return {"total_s": sorted(walls)[1], "all_s": walls}
+
+
 def with_tune(storage: str, trials: int) -> dict[str, float]:
     import pyarrow.parquet as pq
 
@@ -101,6 +125,7 @@ def main() -> None:
     os.environ.setdefault("RAY_TMPDIR", tmp)
     results = {"bare": bare()}
     init_ray(None, 1, study_dir=Path(tmp))
+    results["ray_floor"] = ray_floor(tmp)
     results["train"] = with_trainer(tmp)
     results["tune_1"] = with_tune(tmp, 1)
     results["tune_3"] = with_tune(tmp, 3)
@@ -117,6 +142,7 @@ def main() -> None:
         "tune_per_trial_wall_s": per_trial_wall,
         "fixed_startup_tune_s": per_trial_wall - base_total,
         "study_fixed_s": results["tune_1"]["total_s"] - per_trial_wall,
+        "ray_floor_noop_fit_s": results["ray_floor"]["total_s"],
         "targets": {"per_step_ratio": 1.03, "fixed_startup_s": 5.0},
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
