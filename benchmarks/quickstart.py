@@ -4,11 +4,12 @@ Runs ``jobs/quickstart.yaml`` as ``make study`` does (a local Ray, MLflow in a t
 store) and compares its wall time with what its trials would cost as bare PyTorch loops on one
 thread each (a trial's Ray worker gets one CPU):
 
-    bare compute of a trial = set-up + training seconds + epochs x evaluation seconds
+    bare compute of a trial = set-up + steps x bare step seconds(batch size) + epochs x evaluation seconds
 
-Training seconds are the trial's own ``wall_s`` (measured inside the loop, so they are the bare
-per-step cost times its steps: ``benchmarks/overhead.py`` puts the per-step ratio at about 1.0);
-set-up (data generation, model) and one epoch's evaluation are measured here, bare, on one thread.
+Set-up (data generation, model), one epoch's evaluation and the training step at each batch size
+the study used are measured here after the study, bare (``scaling.loop`` in this process, one
+thread), not taken from inside the trials: two trials share the 2 cores, so their own timings are
+inflated by each other and would flatter the ratio.
 
 Reported (target ``wall / sum <= 1.3``):
 
@@ -38,9 +39,10 @@ SPEC = ROOT / "jobs" / "quickstart.yaml"
 OUT = Path(__file__).parent / "results" / "quickstart.json"
 
 
-def bare_costs(spec: Any) -> dict[str, float]:
-    """Seconds of set-up (data + model) and of one epoch's evaluation, bare, on one thread."""
-    from scaling.loop import build_state, evaluate_epoch, load_data
+def bare_costs(spec: Any, batch_sizes: list[int]) -> dict[str, Any]:
+    """Seconds of set-up (data + model), of one epoch's evaluation and of one training step per
+    batch size, bare, on one thread (what a trial's one-CPU Ray worker gets)."""
+    from scaling.loop import build_state, evaluate_epoch, load_data, train
 
     torch.set_num_threads(1)
     cfg = spec.trial
@@ -53,7 +55,14 @@ def bare_costs(spec: Any) -> dict[str, float]:
         start = time.perf_counter()
         evaluate_epoch(cfg, state.model.eval(), data, torch.device("cpu"))
         evals.append(time.perf_counter() - start)
-    return {"setup_s": setup, "eval_epoch_s": sorted(evals)[1]}
+    steps = 12
+    step_s = {}
+    for b in batch_sizes:
+        short = cfg.with_params({"batch_size": b, "epochs": 2})
+        short = short.model_copy(update={"train": short.train.model_copy(update={"max_steps_per_epoch": steps})})
+        history = train(short, data=data)
+        step_s[b] = (history[-1].wall_s - history[0].wall_s) / steps  # the second epoch: warm
+    return {"setup_s": setup, "eval_epoch_s": sorted(evals)[1], "step_s": step_s, "num_train": len(data.train)}
 
 
 def main() -> None:
@@ -69,16 +78,19 @@ def main() -> None:
     start = time.perf_counter()
     result = run_study(spec, storage=tmp, tracking_uri=f"sqlite:///{tmp}/mlflow.db", progress=False)
     wall = time.perf_counter() - start
-    costs = bare_costs(spec)
+    from scaling.loop import steps_per_epoch
 
     trials = pq.read_table(result.study_dir / "trials.parquet").to_pylist()
     curves = pq.read_table(result.study_dir / "curves.parquet").to_pylist()
+    costs = bare_costs(spec, sorted({int(t["batch_size"]) for t in trials}))
     per_trial = []
     for t in trials:
         history = [c for c in curves if c["trial_id"] == t["trial_id"]]
-        train_s = max((c["wall_s"] for c in history if c.get("wall_s") is not None), default=0.0)
-        epochs = len(history)
-        per_trial.append({"trial_id": t["trial_id"], "status": t["status"], "epochs": epochs, "train_s": train_s,
+        b, epochs = int(t["batch_size"]), len(history)
+        train_s = epochs * steps_per_epoch(costs["num_train"], b) * costs["step_s"][b]
+        in_trial_s = max((c["wall_s"] for c in history if c.get("wall_s") is not None), default=0.0)
+        per_trial.append({"trial_id": t["trial_id"], "status": t["status"], "batch_size": b, "epochs": epochs,
+                          "bare_train_s": train_s, "in_trial_train_s": in_trial_s,
                           "bare_compute_s": costs["setup_s"] + train_s + epochs * costs["eval_epoch_s"]})
     total = sum(p["bare_compute_s"] for p in per_trial)
     counts = {s: sum(p["status"] == s for p in per_trial) for s in ("completed", "pruned", "failed")}
