@@ -7,10 +7,18 @@ random upstream gradient. Target: <= 1.5x.
 
 Timings are medians over repetitions; each loss is timed right after its own baseline run and the
 ratio is the median of these paired ratios (the machine is shared, so load changes between runs;
-the 1-minute load average is recorded with the result). Inherent costs beyond the baseline:
-mochi's per-anchor top-k of the hardest negatives (a topk over the 2048 x 2048 logits costs about
-as much as the whole baseline); swav's 3000 prototypes (its logits, 2 x 1024 x 3000, are larger
-than the 2048 x 2048 similarity matrix, and Sinkhorn-Knopp passes over them several times).
+the 1-minute load average is recorded with the result).
+
+Two losses do inherently more than the similarity matmul, at their authors' defaults, and also get
+a second, fair ratio against a baseline of their own irreducible work (timed right before them):
+
+- mochi: the per-anchor top-``n_hard`` selection of the hardest negatives (a ``torch.topk`` over
+  the 2048 x 2048 logits, k = 128) costs about as much as the whole similarity matmul forward +
+  backward; baseline: the bare matmul forward + backward plus that ``topk`` on its output.
+- swav: the 3000 prototypes make the score matmul 2048 x 128 x 3000 (its output, 2 x 1024 x 3000,
+  is larger than the 2048 x 2048 similarity matrix, and so are the two backward matmuls);
+  baseline: the bare prototype-score matmul forward + backward at the same K.
+
 Run: ``python -m benchmarks.loss``; writes ``benchmarks/results/loss.json`` and prints it.
 """
 
@@ -26,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from scaling.losses import LOSS_NAMES, build_loss
+from scaling.losses import LOSS_NAMES, LOSS_PARAMS, build_loss
 
 THREADS = 2
 N, V, D = 1024, 2, 128
@@ -35,6 +43,42 @@ REPS = 21
 WARMUP = 2
 TARGET_RATIO = 1.5
 RESULTS = Path(__file__).parent / "results" / "loss.json"
+N_HARD = LOSS_PARAMS["mochi"]["n_hard"][1]
+N_PROTOTYPES = LOSS_PARAMS["swav"]["n_prototypes"][1]
+FAIR_BASELINES = {
+    "mochi": f"bare similarity matmul forward+backward plus torch.topk(k={N_HARD}) over its {V * N}x{V * N} output",
+    "swav": f"bare prototype-score matmul forward+backward: ({V * N}x{D}) @ ({D}x{N_PROTOTYPES}), "
+    f"upstream {V * N}x{N_PROTOTYPES}",
+}
+NOTES = (
+    "Each loss at its LOSS_PARAMS defaults; none was shrunk to meet the target. mochi (n_hard=128, s=128, "
+    "s_prime=64: the hardest 1/16 of the 2046 negatives) and swav (K=3000 prototypes, epsilon 0.05, 3 "
+    "Sinkhorn iterations: the authors' settings, which their batch-256 script facebookresearch/swav "
+    "scripts/swav_200ep_bs256_pretrain.sh keeps; neither paper gives CIFAR or small-batch settings that "
+    "differ) cannot meet 1.5x the bare similarity matmul: mochi's exact top-128 selection of every "
+    "anchor's hardest negatives (torch.topk over the 2048x2048 logits) alone costs about as much as the "
+    "bare matmul forward+backward on 2 CPU threads, and swav's three 2048x128x3000 matmuls have 1.46x the "
+    "arithmetic of the three 2048x128x2048 ones, before any softmax, cross-entropy or Sinkhorn pass over "
+    "the 2x1024x3000 scores (compare fair_baseline_median_ms with bare_matmul_median_ms). Both are "
+    "therefore also compared with a baseline of their own irreducible work (fair_baseline, fair_ratio; "
+    "target 1.5x as well). What swav adds to its baseline is SwAV's own math: Sinkhorn-Knopp (one "
+    "exponential pass and 2 matrix-vector products per iteration over each code view's 1024x3000 scores) "
+    "and one exponential pass of the cross-entropy over all 2x1024x3000 scores, whose gradient is built "
+    "in place; these memory-bound passes gain less from the 2 threads than the matmuls, so swav stays "
+    "near or above 1.5x its fair baseline. Before this optimisation (same benchmark, previous results "
+    "file, load 0.9): mochi 2.991x and swav 3.246x the bare matmul; the other losses are unchanged by it."
+)
+
+
+def _notes(*loads: float) -> str:
+    if max(loads) <= THREADS:
+        return NOTES
+    return NOTES + (
+        f" This run was measured under load (1-minute load average up to {max(loads):.1f} on a shared "
+        f"{os.cpu_count()}-core machine): the 2-thread steps are preempted, and the many element-wise "
+        "passes of the losses suffer more than the single large matmul of the baselines, so every ratio "
+        "reads higher than on an idle machine; compare runs at similar load."
+    )
 
 
 def _bare() -> Callable[[], None]:
@@ -45,6 +89,35 @@ def _bare() -> Callable[[], None]:
     def step() -> None:
         h.grad = None
         (h @ h.T).backward(upstream)
+
+    return step
+
+
+def _bare_topk() -> Callable[[], None]:
+    """The bare matmul step plus mochi's irreducible extra: the top-k of every row of its output."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.nn.functional.normalize(torch.randn(V * N, D, generator=g), dim=1).requires_grad_(True)
+    upstream = torch.randn(V * N, V * N, generator=g)
+
+    def step() -> None:
+        h.grad = None
+        s = h @ h.T
+        torch.topk(s.detach(), N_HARD, dim=1, sorted=True)
+        s.backward(upstream)
+
+    return step
+
+
+def _bare_prototypes() -> Callable[[], None]:
+    """swav's irreducible work: the prototype-score matmul forward + backward at K prototypes."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.nn.functional.normalize(torch.randn(V * N, D, generator=g), dim=1).requires_grad_(True)
+    protos = torch.nn.functional.normalize(torch.randn(N_PROTOTYPES, D, generator=g), dim=1).requires_grad_(True)
+    upstream = torch.randn(V * N, N_PROTOTYPES, generator=g)
+
+    def step() -> None:
+        h.grad = protos.grad = None
+        (h @ protos.T).backward(upstream)
 
     return step
 
@@ -76,28 +149,43 @@ def main() -> dict:
     torch.set_num_threads(THREADS)
     load_before = os.getloadavg()[0]
     bare = _bare()
+    fair = {"mochi": _bare_topk(), "swav": _bare_prototypes()}
     steps = {name: _loss_step(name) for name in LOSS_NAMES}
-    for fn in [bare, *steps.values()]:
+    for fn in [bare, *fair.values(), *steps.values()]:
         for _ in range(WARMUP):
             fn()
     bare_s: list[float] = []
     loss_s: dict[str, list[float]] = {k: [] for k in steps}
     ratio_s: dict[str, list[float]] = {k: [] for k in steps}
+    fair_s: dict[str, list[float]] = {k: [] for k in fair}
+    fair_ratio_s: dict[str, list[float]] = {k: [] for k in fair}
     for _ in range(REPS):
         for name, fn in steps.items():
-            # paired: the baseline right before each loss, so both see the same machine load
+            # paired: the baselines right before each loss, so all see the same machine load
+            f = _time(fair[name]) if name in fair else None
             b, t = _time(bare), _time(fn)
             bare_s.append(b)
             loss_s[name].append(t)
             ratio_s[name].append(t / b)
-    losses = {
-        name: {
+            if f is not None:
+                fair_s[name].append(f)
+                fair_ratio_s[name].append(t / f)
+    losses: dict[str, dict] = {}
+    for name in LOSS_NAMES:
+        ratio = statistics.median(ratio_s[name])
+        losses[name] = {
             "median_ms": round(1e3 * statistics.median(loss_s[name]), 2),
-            "ratio": round(statistics.median(ratio_s[name]), 3),
-            "meets_target": statistics.median(ratio_s[name]) <= TARGET_RATIO,
+            "ratio": round(ratio, 3),
+            "meets_target": ratio <= TARGET_RATIO,
         }
-        for name in LOSS_NAMES
-    }
+        if name in fair:
+            fair_ratio = statistics.median(fair_ratio_s[name])
+            losses[name].update({
+                "fair_baseline": FAIR_BASELINES[name],
+                "fair_baseline_median_ms": round(1e3 * statistics.median(fair_s[name]), 2),
+                "fair_ratio": round(fair_ratio, 3),
+                "meets_target_vs_fair_baseline": fair_ratio <= TARGET_RATIO,
+            })
     result = {
         "benchmark": "loss forward+backward vs bare similarity matmul forward+backward",
         "shape": {"V": V, "N": N, "D": D, "dtype": "float32"},
@@ -107,8 +195,10 @@ def main() -> dict:
         "repetitions": REPS,
         "bare_matmul_median_ms": round(1e3 * statistics.median(bare_s), 2),
         "ratio_definition": "median over repetitions of loss time / bare matmul time measured right before it",
+        "fair_ratio_definition": "the same with the loss's own fair_baseline, timed just before that bare matmul",
         "target_ratio": TARGET_RATIO,
         "losses": losses,
+        "notes": _notes(load_before, os.getloadavg()[0]),
         "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "torch": torch.__version__,
         "python": platform.python_version(),

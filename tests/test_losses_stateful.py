@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from scaling.losses import LossError, build_loss, infonce_loss, mochi_loss, sinkhorn
+from scaling.losses import LossError, build_loss, infonce_loss, mochi_loss, sinkhorn, swav_loss
 from scaling.losses._common import normalize
 
 TEMPERATURES = (0.05, 0.1, 0.5, 1.0)
@@ -190,6 +190,26 @@ def test_swav_n256() -> None:
     ref_value, ref_gz, _ = grad_of(lambda a, b: swav_reference(a, b, 0.1, 0.05, 3), z, p0)
     torch.testing.assert_close(value.detach(), ref_value, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(zz.grad, ref_gz, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("v", (2, 4))
+def test_swav_loss_on_given_logits_matches_log_softmax_form(v: int) -> None:
+    """The pure swapped prediction (the module fuses it with its score matmul), for any targets —
+    also rows that do not sum to 1 — and without touching its inputs."""
+    g = torch.Generator().manual_seed(v)
+    logits = 5 * torch.randn(v, 16, 10, generator=g, dtype=torch.float64)
+    codes = torch.rand(2, 16, 10, generator=g, dtype=torch.float64)
+    kept = logits.clone()
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(x, dim=-1)
+        per_code = [[-(codes[c] * log_p[w]).sum(-1).mean() for w in range(v) if w != c] for c in range(2)]
+        return torch.stack([torch.stack(terms).mean() for terms in per_code]).mean()
+
+    got = grad_of(lambda x: swav_loss(x, codes), logits)
+    for a, b in zip(got, grad_of(reference, logits)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.equal(logits, kept)
 
 
 @pytest.mark.parametrize(("b", "k", "eps"), [(64, 8, 0.05), (32, 100, 0.1), (256, 16, 0.02)])
