@@ -4,9 +4,10 @@
    ``torchvision.transforms.v2`` applied per sample with the same ops (RandomResizedCrop,
    RandomHorizontalFlip, RandomApply(ColorJitter with hue), RandomGrayscale, RandomApply(GaussianBlur),
    then ToDtype + Normalize) on the same uint8 tensors. Target: >= 15x.
-2. Share of a training step: ``augment_views`` for the same batch against forward + backward of a
-   small CNN (4 convs 32-64-128-128, the first with stride 2, BN, ReLU, global average pool,
-   MLP head 128 -> 128 -> 64) on the 2 x 256 views with an inline NT-Xent loss. Target: <= 5 %.
+2. Share of a quickstart training step: the trial of ``jobs/quickstart.yaml`` as ``scaling.loop``
+   builds it (its small CNN and projection head, its augmentation -- crops of area 0.5-1, rotation,
+   channel shuffle, no blur -- its loss and Adam): ``augment_views`` of one batch against the
+   rest of the step (forward, loss, backward, optimizer step) on the 2 x 256 views. Target: <= 5 %.
 
 Timings are medians over interleaved repetitions (the machine is shared, so the two sides of each
 ratio are measured alternately). Run: ``python -m benchmarks.augment``; writes
@@ -24,10 +25,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2 as T
-from torch import nn
 
 from scaling import augment as A
 from scaling.augment import AugmentConfig, augment_views
@@ -38,6 +37,7 @@ VIEWS = 2
 SIZE = 32
 TARGET_SPEEDUP = 15.0
 TARGET_SHARE = 0.05
+QUICKSTART = Path(__file__).resolve().parents[1] / "jobs" / "quickstart.yaml"
 RESULTS = Path(__file__).parent / "results" / "augment.json"
 
 
@@ -56,33 +56,6 @@ def torchvision_pipeline(config: AugmentConfig, size: int) -> T.Compose:
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(list(config.mean), list(config.std)),
     ])
-
-
-class SmallCNN(nn.Module):
-    """4 conv layers 32-64-128-128 (first stride 2), BN, ReLU, global pool, MLP head 128-128-64."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = 3
-        for c_out, stride in ((32, 2), (64, 1), (128, 2), (128, 1)):
-            layers += [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            c_in = c_out
-        self.encoder = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Linear(128, 128), nn.ReLU(inplace=True), nn.Linear(128, 64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(x))
-
-
-def nt_xent(z: torch.Tensor, temperature: float = 0.3) -> torch.Tensor:
-    """SimCLR's NT-Xent for (2, N, D) projections: mean over the 2N anchors."""
-    n = z.shape[1]
-    z = F.normalize(z.reshape(2 * n, -1), dim=1)
-    logits = z @ z.T / temperature
-    logits.fill_diagonal_(float("-inf"))
-    targets = torch.arange(2 * n, device=z.device).roll(n)
-    return F.cross_entropy(logits, targets)
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -122,21 +95,28 @@ def _per_round(a: list[list[float]], b: list[list[float]], fn: Callable[[float, 
 
 
 def _stage_breakdown(images: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> dict[str, float]:
-    """Median milliseconds of each stage of augment_views (for finding the next bottleneck)."""
+    """Median milliseconds of each stage of augment_views (for finding the next bottleneck).
+
+    The stages of ``config``, plus the rotated grid and the channel shuffle that the quickstart's
+    augmentation adds (the shuffle rides on the hue op when the hue op runs, else it is a copy).
+    """
     b = VIEWS * images.shape[0]
     p = A._sample_params(b, SIZE, SIZE, config, generator, images.device)
-    base = images.repeat(VIEWS, 1, 1, 1).float().div(255)
-    cropped = A._crop_flip(base, p.boxes, p.flip, SIZE)
+    grid = A._sampling_grid(p.boxes, p.flip, None, SIZE, SIZE, SIZE, views=VIEWS)
+    cropped = A._sample_views(images, grid, p.brightness / 255).clamp_(0.0, 1.0)
+    order = A._channel_order(torch.randint(1, len(A._PERMS), (b,), generator=generator))
     stages: dict[str, Callable[[], object]] = {
         "sample_params": lambda: A._sample_params(b, SIZE, SIZE, config, generator, images.device),
-        "repeat_to_float": lambda: images.expand(VIEWS, *images.shape).reshape(b, 3, SIZE, SIZE).float().div_(255),
-        "crop_flip": lambda: A._crop_flip(base, p.boxes, p.flip, SIZE),
+        "sampling_grid": lambda: A._sampling_grid(p.boxes, p.flip, None, SIZE, SIZE, SIZE, views=VIEWS),
+        "sampling_grid_rotated": lambda: A._sampling_grid(p.boxes, p.flip, p.angle, SIZE, SIZE, SIZE, views=VIEWS),
+        "sample_views (grid_sample, to [0, 1] x brightness)": lambda: A._sample_views(images, grid, p.brightness / 255),
         "copy (baseline of in-place ops)": lambda: cropped.clone(),
-        "brightness": lambda: A._adjust_brightness_(cropped.clone(), p.brightness),
         "contrast": lambda: A._adjust_contrast_(cropped.clone(), p.contrast),
         "saturation": lambda: A._adjust_saturation_(cropped.clone(), p.saturation),
         "hue": lambda: A._adjust_hue_(cropped.clone(), p.hue),
+        "hue + channel_shuffle": lambda: A._adjust_hue_(cropped.clone(), p.hue, order),
         "grayscale": lambda: A._grayscale_(cropped.clone(), p.grayscale),
+        "channel_shuffle (alone, a new tensor)": lambda: A._shuffle_channels(cropped, order),
         "blur": lambda: A._gaussian_blur_(cropped.clone(), p.sigma, A._blur_kernel_size(SIZE)),
         "normalize": lambda: A._normalize_(cropped.clone(), config),
     }
@@ -164,16 +144,27 @@ def run() -> dict[str, object]:
     throughput = _interleaved({"ours": ours, "torchvision": per_sample}, {"ours": 10, "torchvision": 1}, rounds=9)
     speedup = _per_round(throughput["torchvision"], throughput["ours"], lambda tv, us: tv / us)
 
-    # (2) share of a training step (forward + backward of the small CNN on the 2 x 256 views).
-    model = SmallCNN()
-    views = ours()
+    # (2) share of a quickstart training step: its model, augmentation, loss and optimizer.
+    from scaling.loop import augment_config, build_state
+    from scaling.spec import load_spec
+
+    cfg = load_spec(QUICKSTART).trial
+    assert cfg.train.batch_size == BATCH and cfg.train.views == VIEWS and cfg.data.image_size == SIZE
+    state = build_state(cfg, num_train=BATCH)
+    quick = augment_config(cfg)
+
+    def quickstart_augment() -> torch.Tensor:
+        return augment_views(images, VIEWS, quick, generator=generator)
+
+    views = quickstart_augment()
 
     def step() -> None:
-        model.zero_grad(set_to_none=True)
-        z = model(views.flatten(0, 1)).view(VIEWS, BATCH, -1)
-        nt_xent(z).backward()
+        state.optimizer.zero_grad(set_to_none=True)
+        z = state.model(views.flatten(0, 1)).unflatten(0, (VIEWS, BATCH))
+        state.loss_fn(z).backward()
+        state.optimizer.step()
 
-    training = _interleaved({"augment": ours, "step": step}, {"augment": 5, "step": 1}, rounds=9)
+    training = _interleaved({"augment": quickstart_augment, "step": step}, {"augment": 5, "step": 1}, rounds=9)
     share = _per_round(training["augment"], training["step"], lambda aug, st: aug / (aug + st))
     best_aug = min(min(r) for r in training["augment"])
     best_step = min(min(r) for r in training["step"])
@@ -202,7 +193,9 @@ def run() -> dict[str, object]:
         },
         "train_step_share": {
             "augment_views_ms": _ms(_median(training["augment"])),
-            "forward_backward_ms": _ms(_median(training["step"])),
+            "rest_of_step_ms": _ms(_median(training["step"])),
+            "step": f"jobs/quickstart.yaml: {cfg.model.encoder} width {cfg.model.width}, {cfg.train.loss}, "
+                    f"{cfg.train.optimizer}; forward + loss + backward + optimizer step",
             "augment_share": round(share, 4),
             "augment_share_of_fastest_calls": round(best_aug / (best_aug + best_step), 4),
             "target_share": TARGET_SHARE,

@@ -6,21 +6,28 @@ Representations", appendix A) made into tensor programs over the whole batch: ev
 few dozen batched tensor operations -- no Python loop over images or views, no DataLoader
 workers. The pipeline, in this fixed order:
 
-1. random resized crop + horizontal flip: one affine matrix per view (the flip folded into it),
-   applied with ``F.grid_sample`` (bilinear, border padding) on the grid ``F.affine_grid`` would
-   build -- constructed directly, as the map is axis-aligned, at half the cost. The crop box is
-   drawn with torchvision's ``RandomResizedCrop`` rules (10 attempts of area ~ U(scale) and
-   log-ratio ~ U(log ratio), the first box that fits, else the centre-crop fallback), vectorised
-   over views and attempts; boxes are continuous (sub-pixel), not rounded to whole pixels;
+1. random resized crop + horizontal flip (+ a random rotation about the crop centre, up to
+   ``rotation`` degrees): one affine map per view (the flip folded into it), applied with
+   ``F.grid_sample`` (bilinear, border padding) on the grid ``F.affine_grid`` would build --
+   constructed directly, as one broadcast add of complex numbers, at a fraction of the cost. The
+   crop box is drawn with torchvision's ``RandomResizedCrop`` rules (10 attempts of area ~ U(scale)
+   and log-ratio ~ U(log ratio), the first box that fits, else the centre-crop fallback),
+   vectorised over views and attempts; boxes are continuous (sub-pixel), not rounded to whole
+   pixels;
 2. colour jitter with probability ``jitter_p``: brightness, contrast, saturation, hue -- always in
    this order (torchvision shuffles the order per image; a fixed order is a documented choice),
    each op clamped to [0, 1] like torchvision's. Hue is the exact HSV hue rotation of
    ``torchvision.transforms.v2.functional.adjust_hue``, vectorised;
 3. grayscale with probability ``grayscale_p`` (ITU-R 601 luma, replicated over the channels);
-4. Gaussian blur with probability ``blur_p`` and per-view sigma ~ U(blur_sigma): separable, reflect
+4. a random non-identity permutation of the RGB channels with probability ``channel_shuffle_p``;
+5. Gaussian blur with probability ``blur_p`` and per-view sigma ~ U(blur_sigma): separable, reflect
    padding, odd kernel of about 10 % of the output size (at least 3), one kernel per view, as
    batched multiply-adds per tap (kernels of <= 5 taps) or a grouped convolution (larger ones);
-5. normalisation with ``mean`` / ``std``.
+6. normalisation with ``mean`` / ``std``.
+
+On the CPU the cost is the number of full passes over the batch, so steps share passes where the
+arithmetic allows: brightness rides on the uint8 -> [0, 1] scaling of the crop, and the channel
+shuffle on the last pass of the hue rotation (``_augment`` says where).
 
 Randomness comes only from the ``generator`` argument (or the global RNG of the images' device
 when it is None): for a seeded generator the output is a pure function of the seed and the input.
@@ -220,29 +227,56 @@ def _sample_params(
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops. Each takes float images in [0, 1] of shape (B, C, H, W) and per-view parameters of
-# shape (B,). Ops whose name ends in `_` write their result over `images` and return it: at 512
-# views of 32 x 32 px a full-size temporary costs as much as the arithmetic (allocation plus
-# first-touch page faults), so the pipeline works in one buffer. No op copies data to or from the
-# host (constants are Python scalars), so on a GPU the whole pass stays asynchronous.
+# The ops. The geometry turns uint8 (N, C, H, W) images into float views; the colour ops take
+# float views in [0, 1] of shape (B, C, H, W) and per-view parameters of shape (B,). Ops whose
+# name ends in `_` write their result over `images` and return it: at 512 views of 32 x 32 px a
+# full-size temporary costs as much as the arithmetic (allocation plus first-touch page faults), so
+# the pipeline works in one buffer. No op copies data to or from the host (constants are Python
+# scalars or built on the device), so on a GPU the whole pass stays asynchronous.
 
 
-def _crop_flip_rotate(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, angle: torch.Tensor,
-                      size: int) -> torch.Tensor:
-    """Like ``_crop_flip`` but the box is also rotated by ``angle`` (radians) about its centre.
+def _centred_coordinates(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(size,) centres of ``size`` output pixels in [-1, 1] (``align_corners=False`` convention)."""
+    return torch.arange(size, device=device, dtype=dtype).add_(0.5).mul_(2.0 / size).sub_(1.0)
 
-    The full (B, size, size, 2) grid is built in pixel units (so rotation keeps shapes on
-    non-square images), then normalised for ``F.grid_sample``.
+
+def _sampling_grid(boxes: torch.Tensor, flip: torch.Tensor, angle: torch.Tensor | None, size: int, height: int,
+                   width: int, views: int = 1) -> torch.Tensor:
+    """``F.grid_sample`` grid of the resized crop of ``boxes`` (x0, y0, w, h; pixels), mirrored where
+    ``flip``, rotated by ``angle`` (radians) about the box centre (None: no rotation).
+
+    Shape: boxes (V * N, 4), flip (V * N,), angle (V * N,) or None, view-major -> (N, V * size,
+    size, 2): the V grids of each image stacked along the rows (as ``_sample_views`` wants them),
+    normalised to the ``height x width`` input (``align_corners=False``: -1 and 1 are the outer
+    pixel edges). With ``views=1``, simply (B, size, size, 2).
+
+    Output pixel (i, j) reads the input at ``centre + R(angle) (u_j, v_i)``, with (u, v) its offset
+    from the output centre scaled to the box (u negated where flipped). The map is worked out in
+    pixel units, so rotation keeps shapes on non-square images. The point is the sum of a column
+    term (B, 1, S) and a row term (B, S, 1); held as complex numbers x + iy, the whole grid is a
+    single broadcast add, and ``view_as_real`` lays it out as the (..., 2) grid -- no full-size x
+    and y planes interleaved by ``stack`` (which cost as much as the sampling). The add also does
+    the view-major to image-major reordering, by writing into an image-major output.
     """
-    b, _, height, width = images.shape
+    b = boxes.shape[0]
     x0, y0, w, h = (t.view(b, 1, 1) for t in boxes.unbind(dim=1))
-    base = torch.arange(size, device=images.device, dtype=images.dtype).add_(0.5).mul_(2.0 / size).sub_(1.0)
-    u = base.view(1, 1, size) * torch.where(flip.view(b, 1, 1), -1.0, 1.0) * (w / 2)  # (B, 1, S) pixels
-    v = base.view(1, size, 1) * (h / 2)  # (B, S, 1)
-    cos, sin = torch.cos(angle).view(b, 1, 1), torch.sin(angle).view(b, 1, 1)
-    x = (x0 + w / 2) + cos * u - sin * v  # (B, S, S)
-    y = (y0 + h / 2) + sin * u + cos * v
-    grid = torch.stack((x * (2.0 / width) - 1.0, y * (2.0 / height) - 1.0), dim=-1)
+    base = _centred_coordinates(size, boxes.dtype, boxes.device)
+    u = base.view(1, 1, size) * torch.where(flip.view(b, 1, 1), -w, w).mul_(0.5)  # (B, 1, S) pixels
+    v = base.view(1, size, 1) * (h / 2)  # (B, S, 1) pixels
+    sx, sy = 2.0 / width, 2.0 / height
+    cos, sin = (1.0, 0.0) if angle is None else (torch.cos(angle).view(b, 1, 1), torch.sin(angle).view(b, 1, 1))
+    # x = cx + cos u - sin v, y = cy + sin u + cos v, each scaled to [-1, 1].
+    columns = torch.complex((cos * u).add_(x0 + w / 2).mul_(sx).sub_(1.0),
+                            (sin * u).add_(y0 + h / 2).mul_(sy).sub_(1.0))  # (B, 1, S)
+    rows = torch.complex((sin * v).mul_(-sx), (cos * v).mul_(sy))  # (B, S, 1)
+    n = b // views
+    grid = columns.new_empty(n, views, size, size)
+    torch.add(columns.view(views, n, 1, size).transpose(0, 1), rows.view(views, n, size, 1).transpose(0, 1),
+              out=grid)
+    return torch.view_as_real(grid).view(n, views * size, size, 2)
+
+
+def _sample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -251,42 +285,63 @@ def _crop_flip(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, si
 
     Shape: images (B, C, H, W), boxes (B, 4), flip (B,) -> (B, C, size, size).
 
-    Each view's affine map (output coordinates in [-1, 1] -> input coordinates, pixel edges,
-    ``align_corners=False``) is ``theta = [[+-w / W, 0, (2 x0 + w) / W - 1], [0, h / H, (2 y0 + h) / H - 1]]``
-    with the flip as the sign of the x scale. Being axis-aligned, its sampling grid is the outer
-    sum of two (B, size) coordinate rows -- what ``F.affine_grid(theta)`` returns, built at half its
-    cost and memory -- and ``F.grid_sample`` samples it bilinearly. Sampling uses the whole image,
-    so output pixels at a box edge blend in the pixels just outside it (``resized_crop``, which
-    sees only the box, replicates the edge instead).
+    ``F.grid_sample`` samples the grid of ``_sampling_grid`` bilinearly. Sampling uses the whole
+    image, so output pixels at a box edge blend in the pixels just outside it (``resized_crop``,
+    which sees only the box, replicates the edge instead).
     """
-    b, _, height, width = images.shape
-    x0, y0, w, h = (t.view(b, 1) for t in boxes.unbind(dim=1))
-    base = torch.arange(size, device=images.device, dtype=images.dtype).add_(0.5).mul_(2.0 / size).sub_(1.0)
-    scale_x = torch.where(flip.view(b, 1), -w, w) / width
-    grid_x = (base * scale_x).add_((2 * x0 + w) / width - 1)  # (B, size): x of each output column
-    grid_y = (base * (h / height)).add_((2 * y0 + h) / height - 1)  # (B, size): y of each output row
-    grid = torch.stack(
-        (grid_x.view(b, 1, size).expand(b, size, size), grid_y.view(b, size, 1).expand(b, size, size)), dim=-1
-    )
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return _sample(images, _sampling_grid(boxes, flip, None, size, *images.shape[-2:]))
 
 
-def _luma(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) -> (B, 1, H, W) ITU-R 601 luma (torchvision's rgb_to_grayscale)."""
+def _crop_flip_rotate(images: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, angle: torch.Tensor,
+                      size: int) -> torch.Tensor:
+    """Like ``_crop_flip`` but the box is also rotated by ``angle`` (radians, (B,)) about its centre."""
+    return _sample(images, _sampling_grid(boxes, flip, angle, size, *images.shape[-2:]))
+
+
+def _sample_views(images: torch.Tensor, grid: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Sample ``V`` views of each uint8 image at ``grid``, times ``scale``, in view-major order.
+
+    Shape: images (N, C, H, W) uint8, grid (N, V * S, S, 2) from ``_sampling_grid``, scale (V * N,)
+    view-major -> (V * N, C, S, S) float.
+
+    The V grids of an image are stacked along the output rows, so ``F.grid_sample`` reads the N
+    images once rather than a V-fold repeated copy of the batch (converted to float and scaled by
+    1 / 255 in two more full passes). The view-major order this leaves out of place, and the
+    scaling to [0, 1] (folded into ``scale`` with the brightness factor: sampling is linear), cost
+    one pass together.
+    """
+    n, c = images.shape[:2]
+    size = grid.shape[2]
+    views = grid.shape[1] // size
+    samples = _sample(images.float(), grid).view(n, c, views, size, size)
+    out = samples.new_empty(views, n, c, size, size)
+    torch.mul(samples.permute(2, 0, 1, 3, 4), scale.view(views, n, 1, 1, 1), out=out)
+    return out.view(views * n, c, size, size)
+
+
+def _luma(images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 1, H, W) ITU-R 601 luma (torchvision's rgb_to_grayscale).
+
+    ``weights`` (B, 3): per-view weights of the three channels instead of ``_LUMA``.
+    """
     r, g, b = images.unbind(dim=1)
-    return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+    if weights is None:
+        return (r * _LUMA[0]).add_(g, alpha=_LUMA[1]).add_(b, alpha=_LUMA[2]).unsqueeze(1)
+    w0, w1, w2 = weights.to(images.dtype).view(-1, 3, 1, 1).unbind(dim=1)
+    return (r * w0).addcmul_(g, w1).addcmul_(b, w2).unsqueeze(1)
 
 
 def _blend_(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """In place: ``clamp(factor * images + (1 - factor) * other, 0, 1)``; factor is (B,).
 
-    ``other`` is (B, 1, H, W) or (B, 1, 1, 1) (then it is folded into a per-view offset first,
-    which is three times faster than a broadcasting ``addcmul_``).
+    ``other`` is (B, 1, H, W): one ``lerp_`` towards it. Or (B, 1, 1, 1): then it is folded into a
+    per-view offset first, because ternary ops with two per-view scalars (``lerp_``, ``addcmul_``)
+    miss the vectorised CPU kernels and run several times slower than ``mul_`` plus ``add_``.
     """
     f = factor.view(-1, 1, 1, 1)
     if other.shape[-2:] == (1, 1):
         return images.mul_(f).add_(other * (1 - f)).clamp_(0.0, 1.0)
-    return images.mul_(f).addcmul_(other, 1 - f).clamp_(0.0, 1.0)
+    return images.lerp_(other, 1 - f).clamp_(0.0, 1.0)
 
 
 def _adjust_brightness_(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -308,47 +363,67 @@ def _adjust_saturation_(images: torch.Tensor, factor: torch.Tensor) -> torch.Ten
     return _blend_(images, _luma(images), factor)
 
 
-def _adjust_hue_(images: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def _adjust_hue_(images: torch.Tensor, shift: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """In place: rotate the HSV hue of each RGB view by ``shift`` turns (B,); torchvision's adjust_hue.
 
+    With ``order`` (B, 3), the output channels also come out permuted: channel c of view i is the
+    rotated channel ``order[i, c]`` (``_shuffle_channels``, for free: a channel enters the closed
+    form below only through its offset o, so permuting the offsets permutes the channels).
+
     A hue rotation keeps the largest and smallest channel (HSV's V and S); only the hue angle
-    moves. With ``h`` the hue in sextants wrapped to [-3, 3), the rotated colour has the closed form
-    ``c = max - (max - min) * clamp(||h + o| - 3| - 1, 0, 1)`` with o = 3, 1, -1 for R, G, B (an
-    algebraic rewrite of the usual ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)``,
-    ``k = (n + h) mod 6``). The sextant case split (red is the max, else green, else blue, as in
-    torchvision) uses exact 0/1 float masks, because boolean masks and ``torch.where`` are several
-    times slower than float arithmetic on the CPU. Only single-plane temporaries are allocated.
+    moves. With ``h`` the rotated hue in sextants wrapped to [-3, 3), the rotated colour has the
+    closed form ``c = max - (max - min) * clamp(||h + o| - 3| - 1, 0, 1)`` with o = 3, 1, -1 for R,
+    G, B (an algebraic rewrite of the usual ``max - (max - min) * clamp(min(k, 4 - k), 0, 1)``,
+    ``k = (n + h) mod 6``), computed as ``(max + delta) - delta * clamp(||h + o| - 3|, 1, 2)``, one
+    pass fewer.
+
+    Every step is one whole-tensor pass, so the op count is the cost: the sextant case split (red
+    is the max, else green, else blue, as in torchvision) is two exact 0/1 float masks written by
+    comparisons, and ``lerp_`` selects with them (exact for weights 0 and 1); boolean masks,
+    ``torch.where`` and ``remainder`` are several times slower on the CPU, hence also the wrap by
+    ``frac``. Only single-plane temporaries are allocated.
     """
     if images.shape[1] == 1:
         return images
     r, g, b = images.unbind(dim=1)
-    maxc = torch.maximum(r, g)
-    torch.maximum(maxc, b, out=maxc)
-    minc = torch.minimum(r, g)
-    torch.minimum(minc, b, out=minc)
-    delta = maxc - minc
-    is_r = (r - maxc).sign_().add_(1.0)  # 1 where red is the max, else 0 (r <= max)
-    is_g = (g - maxc).sign_().add_(1.0).sub_(is_r).clamp_min_(0.0)  # 1 where green is the max, red not
-    # Sextant numerators: red (g - b), green (b - r + 2 delta), blue (r - g + 4 delta).
+    mask = torch.maximum(r, g)  # max(r, g) for now
+    maxc = torch.maximum(mask, b)
+    delta = torch.minimum(r, g)
+    torch.minimum(delta, b, out=delta)
+    torch.sub(maxc, delta, out=delta)
+    # Sextant numerators: blue (r - g + 4 delta), replaced by green (b - r + 2 delta) where red or
+    # green is the max, replaced by red (g - b) where red is: torchvision's priority.
     hue = torch.sub(r, g).add_(delta, alpha=4.0)
-    red = torch.sub(g, b).sub_(hue)
-    hue.addcmul_(is_r, red)
-    green = torch.sub(b, r, out=red).add_(delta, alpha=2.0).sub_(hue)  # reuses `red`'s memory
-    hue.addcmul_(is_g, green)
-    # delta == 0 means r = g = b, where every numerator is 0 and so is the hue.
-    hue.div_(torch.clamp_min(delta, 1e-12, out=green))
-    hue.add_(shift.view(-1, 1, 1), alpha=6.0).add_(3.0).remainder_(6.0).sub_(3.0)
-    offsets = torch.arange(3, device=images.device, dtype=images.dtype).mul_(-2.0).add_(3.0).view(1, 3, 1, 1)
-    k = torch.add(hue.unsqueeze(1), offsets, out=images)  # r, g, b are dead from here on
-    k.abs_().sub_(3.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    return k.mul_(delta.neg_().unsqueeze(1)).add_(maxc.unsqueeze(1))
+    other = torch.sub(b, r).add_(delta, alpha=2.0)
+    hue.lerp_(other, torch.eq(mask, maxc, out=mask))  # 1 where red or green is the max, else 0
+    hue.lerp_(torch.sub(g, b, out=other), torch.eq(r, maxc, out=mask))  # 1 where red is the max
+    # Divide by delta, rotate and wrap, in turns: hue / 6 + shift + 1/2 lies in [-1/6, 11/6]; one
+    # more turn keeps it positive for frac, and 6 * frac(.) - 3 is the rotated hue in [-3, 3) (the
+    # -3 is in `offsets`). delta == 0 means r = g = b, where every numerator is 0 and so is the hue.
+    turns = shift.add(1.5).view(-1, 1, 1)
+    torch.addcdiv(turns, hue, torch.clamp_min(delta, 1e-12, out=other), value=1.0 / 6.0, out=hue).frac_()
+    if order is None:
+        order = torch.arange(3, device=images.device).view(1, 3)
+    offsets = order.to(images.dtype).mul_(-2.0).view(-1, 3, 1, 1)  # o - 3, per output channel
+    k = torch.add(offsets, hue.unsqueeze(1), alpha=6.0, out=images)  # r, g, b are dead from here on
+    k.abs_().sub_(3.0).abs_().clamp_(1.0, 2.0)
+    top = maxc.add_(delta).unsqueeze(1)  # max + delta
+    return torch.addcmul(top, k, delta.unsqueeze(1), value=-1.0, out=k)
 
 
-def _grayscale_(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """In place: replace the views where ``mask`` (B,) by their luma, replicated over channels."""
+def _grayscale_(images: torch.Tensor, mask: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: replace the views where ``mask`` (B,) by their luma, replicated over channels.
+
+    ``order`` (B, 3): the channels of ``images`` are already permuted by it (``_adjust_hue_``), so
+    the luma weighs channel c with the weight of channel ``order[:, c]``. The replicated luma is
+    the same in any channel order, so this equals grayscale followed by the permutation.
+    """
     if images.shape[1] == 1:
         return images
-    return images.lerp_(_luma(images), mask.to(images.dtype).view(-1, 1, 1, 1))
+    weights = None
+    if order is not None:  # the luma weight of each channel's source channel
+        weights = torch.where(order == 0, _LUMA[0], torch.where(order == 1, _LUMA[1], _LUMA[2]))
+    return images.lerp_(_luma(images, weights), mask.to(images.dtype).view(-1, 1, 1, 1))
 
 
 def _blur_kernel_size(size: int) -> int:
@@ -402,10 +477,17 @@ def _gaussian_blur_(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int)
 
 
 def _normalize_(images: torch.Tensor, config: AugmentConfig) -> torch.Tensor:
-    """In place: ``(images - mean) / std`` per channel (a 1-channel image uses the first entry)."""
-    for channel, (mean, std) in enumerate(zip(config.mean, config.std, strict=True)):
-        if channel < images.shape[1]:
-            images[:, channel].sub_(mean).div_(std)
+    """In place: ``(images - mean) / std`` per channel (a 1-channel image uses the first entry).
+
+    Multiplies by ``1 / std`` (a multiplication is cheaper than a division; exact for the usual
+    powers of two), over all channels at once where they share mean and std (the usual case).
+    """
+    channels = images.shape[1]
+    mean, std = config.mean[:channels], config.std[:channels]
+    if len(set(mean)) == 1 and len(set(std)) == 1:
+        return images.sub_(mean[0]).mul_(1.0 / std[0])
+    for channel in range(channels):
+        images[:, channel].sub_(mean[channel]).mul_(1.0 / std[channel])
     return images
 
 
@@ -429,31 +511,67 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
         )
 
 
+def _crop_views(images: torch.Tensor, params: _Params, views: int, size: int, config: AugmentConfig) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float (V * N, C, size, size): the resized crops, brightness applied.
+
+    Brightness is a per-view factor on linear samples, so it rides along with the 1 / 255 of the
+    uint8 -> [0, 1] conversion in one multiplication (``params.brightness`` is exactly 1 wherever
+    brightness is off); only the clamp of ``_adjust_brightness_`` is left to do.
+    """
+    angle = params.angle if config.rotation > 0 else None
+    grid = _sampling_grid(params.boxes, params.flip, angle, size, *images.shape[-2:], views=views)
+    x = _sample_views(images, grid, params.brightness / 255.0)
+    if config.jitter_p > 0 and config.brightness * config.strength > 0:
+        x.clamp_(0.0, 1.0)
+    return x
+
+
+def _channel_order(perm: torch.Tensor) -> torch.Tensor:
+    """(B,) indices into ``_PERMS`` -> (B, 3): the source channel of each output channel.
+
+    Worked out on the device rather than indexing a copy of the table: permutation p (in the
+    lexicographic order of ``_PERMS``) sends output channel c to ``(a + s c) mod 3`` with
+    ``a = p // 2`` and ``s = (-1) ** (p + a)`` -- a rotation of RGB, mirrored where s = -1.
+    """
+    a = perm.div(2, rounding_mode="floor")
+    s = 1 - 2 * (perm + a).remainder(2)
+    return (a.view(-1, 1) + s.view(-1, 1) * torch.arange(3, device=perm.device)).remainder_(3)
+
+
+def _shuffle_channels(images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Permute the RGB channels of each view by ``order`` (B, 3); returns a new tensor.
+
+    ``index_select`` of whole channel planes: ``gather`` with an expanded per-pixel index costs
+    fifteen times more.
+    """
+    b, c, height, width = images.shape
+    rows = torch.arange(0, b * c, c, device=images.device).view(b, 1).add(order).view(-1)
+    return images.view(b * c, height, width).index_select(0, rows).view(b, c, height, width)
+
+
 def _augment(
     images: torch.Tensor, views: int, config: AugmentConfig, generator: torch.Generator | None, size: int,
 ) -> torch.Tensor:
     n, c, height, width = images.shape
     params = _sample_params(views * n, height, width, config, generator, images.device)
-    repeated = images.expand(views, n, c, height, width).reshape(views * n, c, height, width)
-    if config.rotation > 0:
-        x = _crop_flip_rotate(repeated.float().div_(255.0), params.boxes, params.flip, params.angle, size)
-    else:
-        x = _crop_flip(repeated.float().div_(255.0), params.boxes, params.flip, size)
+    # The channel shuffle comes after grayscale; when the hue op runs, it applies the shuffle to
+    # its output for free, and grayscale then reads the shuffled channels through `order`.
+    order = _channel_order(params.perm) if config.channel_shuffle_p > 0 and c == 3 else None
+    shuffled = False
+    x = _crop_views(images, params, views, size, config)  # brightness included
     if config.jitter_p > 0:  # fixed order; saturation and hue are no-ops on 1 channel, as in torchvision
         s = config.strength
-        if config.brightness * s > 0:
-            _adjust_brightness_(x, params.brightness)
         if config.contrast * s > 0:
             _adjust_contrast_(x, params.contrast)
         if config.saturation * s > 0:
             _adjust_saturation_(x, params.saturation)
         if config.hue * s > 0:
-            _adjust_hue_(x, params.hue)
+            _adjust_hue_(x, params.hue, order)
+            shuffled = order is not None
     if config.grayscale_p > 0:
-        _grayscale_(x, params.grayscale)
-    if config.channel_shuffle_p > 0 and c == 3:
-        order = torch.tensor(_PERMS, device=x.device)[params.perm]  # (B, 3)
-        x = x.gather(1, order.view(-1, 3, 1, 1).expand_as(x))
+        _grayscale_(x, params.grayscale, order if shuffled else None)
+    if order is not None and not shuffled:
+        x = _shuffle_channels(x, order)
     if config.blur_p > 0:
         _gaussian_blur_(x, params.sigma, _blur_kernel_size(size))
     return _normalize_(x, config).view(views, n, c, size, size)

@@ -177,6 +177,31 @@ def test_integer_box_at_native_scale_is_a_slice() -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
+def test_sampling_grid_of_several_views_comes_out_image_major() -> None:
+    # View-major parameters (row v * N + n) in, the V grids of each image stacked along the rows out.
+    g = _gen(5)
+    n, views = 4, 3
+    boxes = torch.rand(views * n, 4, generator=g) * torch.tensor([4.0, 4.0, 12.0, 10.0]) + 1
+    flip = torch.rand(views * n, generator=g) < 0.5
+    angle = torch.rand(views * n, generator=g) * 6 - 3
+    for a in (None, angle):
+        grid = A._sampling_grid(boxes, flip, a, 8, 16, 20, views=views)
+        single = A._sampling_grid(boxes, flip, a, 8, 16, 20)
+        assert grid.shape == (n, views * 8, 8, 2) and single.shape == (views * n, 8, 8, 2)
+        assert torch.equal(grid, single.view(views, n, 8, 8, 2).transpose(0, 1).reshape(n, views * 8, 8, 2))
+
+
+def test_sample_views_equals_crops_of_the_repeated_batch() -> None:
+    g = _gen(6)
+    x, n, views = _images(n=4, size=16), 4, 2
+    boxes = torch.rand(views * n, 4, generator=g) * torch.tensor([4.0, 4.0, 10.0, 10.0]) + 1
+    flip = torch.rand(views * n, generator=g) < 0.5
+    scale = torch.rand(views * n, generator=g) / 255
+    out = A._sample_views(x, A._sampling_grid(boxes, flip, None, 8, 16, 16, views=views), scale)
+    expected = A._crop_flip(x.float().repeat(views, 1, 1, 1), boxes, flip, 8) * scale.view(-1, 1, 1, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
 def test_crop_resize_close_to_torchvision_resized_crop() -> None:
     # Away from the box edges: there grid_sample blends in the pixels just outside the box, where
     # resized_crop (which sees only the box) replicates the box's edge.
@@ -282,9 +307,10 @@ def test_blur_kernel_sizes() -> None:
 # The batched pipeline against a per-view loop over torchvision with the same parameters.
 
 
+@pytest.mark.parametrize("shuffle_p", [0.0, 0.6])  # 0.6: the shuffle rides on the hue op's last pass
 @pytest.mark.parametrize("channels", [3, 1])
-def test_pipeline_matches_per_view_torchvision_loop(channels: int) -> None:
-    config = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), strength=1.2)
+def test_pipeline_matches_per_view_torchvision_loop(channels: int, shuffle_p: float) -> None:
+    config = AugmentConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), strength=1.2, channel_shuffle_p=shuffle_p)
     x = _images(n=5, c=channels, size=16)
     views = 3
     out = augment_views(x, views, config, generator=_gen(3))
@@ -303,6 +329,8 @@ def test_pipeline_matches_per_view_torchvision_loop(channels: int) -> None:
             y = TF.adjust_hue(y, float(p.hue[i]))
             if p.grayscale[i]:
                 y = TF.rgb_to_grayscale(y, num_output_channels=channels)
+            if channels == 3:
+                y = y[list(A._PERMS[int(p.perm[i])])]  # output channel c is input channel order[c]
             if p.sigma[i] > 0:
                 y = TF.gaussian_blur(y, [3, 3], [float(p.sigma[i])] * 2)
             torch.testing.assert_close(out[v, n], (y - mean) / std, atol=1e-4, rtol=0)
@@ -387,3 +415,7 @@ def test_channel_shuffle_permutes_channels_per_view() -> None:
     assert all(sorted(v) == [10, 100, 200] for v in levels)
     perms = {tuple(v) for v in levels}
     assert (10, 100, 200) not in perms and len(perms) == 5  # p = 1: never the identity, all 5 others drawn
+
+
+def test_channel_order_is_the_perms_table() -> None:
+    assert A._channel_order(torch.arange(len(A._PERMS))).tolist() == [list(p) for p in A._PERMS]
