@@ -76,12 +76,50 @@ class NoRetryOnDeterministicFailure(DefaultFailurePolicy):
 
 
 class TrialTrainer(TorchTrainer):
-    """A ``TorchTrainer`` that does not retry deterministic failures (``NoRetryOnDeterministicFailure``).
+    """A ``TorchTrainer`` for one trial: no retry of deterministic failures
+    (``NoRetryOnDeterministicFailure``), and ``abort()`` from another thread.
 
-    Ray 2.60 has no public hook for the failure policy; ``fit`` hands the policy to the controller in
-    ``_initialize_and_run_controller``, which is where it is replaced.
+    Ray 2.60 has no public hook for either. ``fit`` hands the failure policy to the controller actor
+    in ``_initialize_and_run_controller``; this override is Ray's own (2.60) with the policy replaced
+    and the controller's handle kept, so that a stopped trial can end its run (``abort``) while
+    ``fit`` blocks in another thread.
     """
 
+    _controller: Any = None
+
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+        import ray
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+        from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+                                                      get_env_vars_to_propagate)
+        from ray.train.v2._internal.execution.controller import TrainController
+
         controller_init_kwargs["failure_policy"] = NoRetryOnDeterministicFailure(self.run_config.failure_config)
-        return super()._initialize_and_run_controller(**controller_init_kwargs)
+        env_vars = get_env_vars_to_propagate()
+        env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+        controller_cls = ray.remote(  # on the driver's node, like Ray's own
+            num_cpus=0, label_selector={ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()},
+            runtime_env={"env_vars": env_vars},
+        )(TrainController)
+        self._controller = controller_cls.remote(**controller_init_kwargs)
+        ray.get(self._controller.run.remote())
+        return ray.get(self._controller.get_result.remote())
+
+    @property
+    def started(self) -> bool:
+        """Whether ``fit`` has created the run's controller (only then is there a run to abort)."""
+        return self._controller is not None
+
+    def abort(self, timeout_s: float = 30.0) -> None:
+        """End the run: the controller stops its workers and exits; ``fit`` then raises in its thread.
+        Killed outright if it does not exit within ``timeout_s``."""
+        import ray
+
+        if self._controller is None:
+            return
+        try:
+            ray.get(self._controller.abort.remote(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self._controller)
+        except ray.exceptions.RayError:
+            pass  # the controller exits inside abort(): its call ends with the actor's death

@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -30,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,8 +50,9 @@ TRIAL_RESOURCE = "scaling_trial"
 RESULT_KEYS = ("train_loss", "knn_top1", "knn_top1_test", "linear_top1", "linear_top1_test", "alignment", "uniformity",
                "effective_rank", "samples_seen", "wall_s", "throughput", "last_lr")
 # Ray Train's controller polls workers every 2 s by default; per-epoch reports would stall on it.
+# A reused trial driver (``reuse_actors``) gets this long to abort a stopped trial's run (default 2 s).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1", "RAY_TRAIN_V2_ENABLED": "1", "RAY_AIR_NEW_OUTPUT": "0",
-           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_DEDUP_LOGS": "0"}
+           "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_DEDUP_LOGS": "0", "TUNE_FUNCTION_THREAD_TIMEOUT_S": "60"}
 
 
 class StudyError(RuntimeError):
@@ -418,8 +420,9 @@ def _build_tuner(spec: StudySpec, *, study_dir: Path, tracking_uri: str, concurr
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples(spec),
-                                    trial_name_creator=trial_name,
-                                    trial_dirname_creator=trial_name),
+                                    trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+                                    # one trial driver process per concurrent slot, not per trial
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(study_dir), callbacks=callbacks, verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=0)),
     )
@@ -469,8 +472,8 @@ def run_study(spec: StudySpec, *, raw_spec: str | None = None, storage: str | Pa
     tracking_uri = resolve_tracking_uri(tracking_uri or spec.tracking.uri)
     validate_tracking(spec, tracking_uri, address)
     study_dir = study_dir or new_study_dir(spec, storage)
-    cluster = None if address else local_cluster_resources()
-    concurrent = check_fits(spec, cluster) if cluster else 1
+    if not address:  # refuse a study whose trial can never fit before anything is written
+        check_fits(spec, local_cluster_resources())
     study_dir.mkdir(parents=True, exist_ok=False)
     (study_dir / "spec.yaml").write_text(raw_spec if raw_spec is not None else dump_resolved(spec))
     (study_dir / "resolved.yaml").write_text(dump_resolved(spec))
@@ -508,22 +511,24 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
     try:
         tracker.start_study(study_dir=study_dir)
     except TrackingError as exc:
+        if not restore:  # a new study holds nothing yet but its spec files: leave no half-made study behind
+            shutil.rmtree(study_dir, ignore_errors=True)
         raise StudyError(str(exc)) from None
     info = json.loads((study_dir / "study.json").read_text())
     info.update(experiment_id=tracker.experiment_id, parent_run_id=tracker.parent_run_id)
     _write_json(study_dir / "study.json", info)
     status = "FAILED"
     try:
-        init_ray(address, concurrent, study_dir=study_dir)
-        if address:
-            total = ray.cluster_resources()
-            concurrent = check_fits(spec, {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)})
-            if total.get(TRIAL_RESOURCE):  # the cluster declares trial slots: never sample more than fit
-                concurrent = max(1, min(concurrent, int(total[TRIAL_RESOURCE])))
-        on_cluster = bool(address) and TRIAL_RESOURCE not in ray.cluster_resources()
-        tuner = _build_tuner(spec, study_dir=study_dir, tracking_uri=tracking_uri, concurrent=concurrent,
-                             on_cluster=on_cluster, progress=progress, restore=restore)
-        with _killed_on_sigterm(tracker):
+        with _killed_on_sigterm(tracker):  # from here a stop closes the study's runs at once
+            init_ray(address, concurrent, study_dir=study_dir)
+            if address:
+                total = ray.cluster_resources()
+                concurrent = check_fits(spec, {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)})
+                if total.get(TRIAL_RESOURCE):  # the cluster declares trial slots: never sample more than fit
+                    concurrent = max(1, min(concurrent, int(total[TRIAL_RESOURCE])))
+            on_cluster = bool(address) and TRIAL_RESOURCE not in ray.cluster_resources()
+            tuner = _build_tuner(spec, study_dir=study_dir, tracking_uri=tracking_uri, concurrent=concurrent,
+                                 on_cluster=on_cluster, progress=progress, restore=restore)
             grid = tuner.fit()
         trials, curves = results_to_tables(grid, spec)
         write_tables(study_dir, trials, curves)
@@ -558,10 +563,16 @@ def _execute(spec: StudySpec, *, study_dir: Path, tracking_uri: str, address: st
 def _killed_on_sigterm(tracker: StudyTracker) -> Iterator[None]:
     """Close the study's runs as KILLED the moment SIGTERM arrives (`scaling stop` / `ray job stop` send
     SIGTERM and SIGKILL a few seconds later, too soon for Tune's own shutdown to reach our ``except``):
-    the parent and every child run still open, after the writes already queued."""
+    the parent and every child run still open, after the writes already queued.
+
+    ``ray.init`` installs SIGTERM handlers of its own (``ray._private.utils.set_sigterm_handler``, Ray
+    2.60), whose ``sys.exit`` can be swallowed mid-start-up, leaving the parent run RUNNING. While this
+    block runs, those installs are kept aside and ours stays in place; the last of Ray's is restored
+    at the end."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import ray._private.utils as ray_utils
 
     def on_sigterm(signum: int, frame: Any) -> None:
         try:
@@ -569,10 +580,16 @@ def _killed_on_sigterm(tracker: StudyTracker) -> Iterator[None]:
         finally:
             raise SystemExit(128 + signum)
 
+    def keep_aside(handler: Any) -> None:
+        nonlocal previous
+        previous = handler
+
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    ray_install, ray_utils.set_sigterm_handler = ray_utils.set_sigterm_handler, keep_aside
     try:
         yield
     finally:
+        ray_utils.set_sigterm_handler = ray_install
         signal.signal(signal.SIGTERM, previous)
 
 

@@ -1,15 +1,19 @@
 """Layer 2 of a study: the Tune trainable that drives one trial's ``TorchTrainer``.
 
-Apart from ``scaling.study`` and light on imports on purpose: every trial starts two fresh Ray
-processes that import this module -- Tune's trainable actor (which runs ``trial_driver``) and Ray
-Train's controller (which unpickles ``NodeReportCallback``). Whatever is imported at the top of
-this module is paid twice on every trial's critical path; MLflow, Optuna, pyarrow, rich and the
-training code (``scaling.study``'s imports, about 1-2 s per process) are not needed here. The
+Apart from ``scaling.study`` and light on imports on purpose. Tune reuses a trial-driver actor from
+one trial to the next (``reuse_actors``), but every trial's ``fit()`` starts a fresh Ray Train
+controller, which unpickles ``NodeReportCallback`` and so imports this module: whatever is imported
+at the top of this module is paid on every trial's critical path. MLflow, Optuna, pyarrow, rich and
+the training code (``scaling.study``'s imports, about 1-2 s per process) are not needed here. The
 sampled config is merged into the spec's base by the worker (``scaling.worker.trial_config``).
+
+A reused driver must end the run of a trial that Tune stopped (ASHA) before the next one starts:
+``_abort_when_stopped`` watches the Tune session's stop event and aborts the run's controller.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +28,7 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
     import ray
     import ray.train
     import ray.tune
+    from ray.train._internal.session import get_session
 
     from scaling.failures import TrialTrainer  # a TorchTrainer that does not retry NaN / out of memory
     from scaling.worker import train_fn
@@ -49,8 +54,30 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
             failure_config=ray.train.FailureConfig(max_failures=failures),
         ),
     )
-    trainer.fit()
+    # Tune reuses this actor for the next trial (``reuse_actors``): a trial it stops (ASHA) must end
+    # its run, or its controller and workers would train on beside the next trial.
+    stopped, done = get_session().stop_event, threading.Event()
+    threading.Thread(target=_abort_when_stopped, args=(trainer, stopped, done), daemon=True).start()
+    try:
+        trainer.fit()
+    except Exception:
+        if stopped.is_set():
+            return  # stopped by Tune: the run was aborted on purpose
+        raise
+    finally:
+        done.set()
     _drain_train_reports()
+
+
+def _abort_when_stopped(trainer: Any, stopped: threading.Event, done: threading.Event) -> None:
+    """Abort ``trainer``'s run once Tune stops the trial (its session's stop event), unless it ended."""
+    while not done.is_set():
+        if stopped.wait(timeout=0.2) and not done.is_set():
+            while not trainer.started and not done.is_set():  # stopped while fit() was starting up
+                time.sleep(0.05)
+            if not done.is_set():
+                trainer.abort()
+            return
 
 
 class NodeReportCallback(TuneReportCallback):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +22,27 @@ def write_token(path: Path) -> Path:
     path.write_text(secrets.token_hex(32))
     path.chmod(0o600)
     return path
+
+
+SCALING = str(Path(sys.executable).parent / "scaling")
+
+
+def start_scaling_run(tmp_path: Path, spec: dict, *args: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """``scaling run`` on ``spec`` (written to ``tmp_path``), started as a user would, in its own process
+    group so a test can signal all of it; SQLite tracking in ``tmp_path/mlflow.db``, a short RAY_TMPDIR
+    and a fresh token. Returns the process (stdout and stderr merged) and its environment, for a
+    later ``scaling resume``."""
+    import yaml
+
+    spec_path = tmp_path / f"{spec['name']}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths must stay short
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_TOKEN_PATH": str(write_token(tmp_path / "token"))}
+    proc = subprocess.Popen(
+        [SCALING, "run", str(spec_path), "--storage", str(tmp_path / "studies"), "--tracking-uri",
+         f"sqlite:///{tmp_path / 'mlflow.db'}", *args],
+        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, env
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -27,12 +26,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from scaling.spec import spec_from_dict
 from scaling.study import failure_reason, run_study
-from tests.conftest import free_port, write_token
+from tests.conftest import free_port, start_scaling_run
 from tests.test_study import children, tiny_spec
 
 pytestmark = pytest.mark.integration
@@ -169,7 +167,6 @@ def test_deterministic_failures_are_raised_and_crashes_retried() -> None:
     import torch
     from ray.exceptions import RayActorError
     from ray.train import FailureConfig
-    from ray.train.v2._internal.execution.failure_handling import FailureDecision
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     from scaling.failures import NoRetryOnDeterministicFailure, TrialOutOfMemoryError
@@ -419,15 +416,8 @@ def test_stopped_study_closes_its_runs_and_resume_reopens_them(tmp_path: Path) -
     spec = tiny_spec("stopped", trials=2, epochs=epochs)
     spec["data"]["size"] = 2000  # epochs of about a second: the trials are mid-way when the stop comes
     spec["train"]["max_steps_per_epoch"] = 20
-    spec_path = tmp_path / "stopped.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
     db = tmp_path / "mlflow.db"
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths must stay short
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_TOKEN_PATH": str(write_token(tmp_path / "token"))}
-    proc = subprocess.Popen(
-        [str(BIN / "scaling"), "run", str(spec_path), "--storage", str(tmp_path / "studies"), "--tracking-uri",
-         f"sqlite:///{db}", "--no-progress"],
-        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, env = start_scaling_run(tmp_path, spec, "--no-progress")
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
@@ -482,7 +472,39 @@ def test_stopped_study_closes_its_runs_and_resume_reopens_them(tmp_path: Path) -
     curves = pq.read_table(study_dir / "curves.parquet").select(["trial_id", "epoch"]).to_pylist()
     assert sorted((r["trial_id"], r["epoch"]) for r in curves) == [(t, e) for t in sorted(resumed) for e in range(1, epochs + 1)]
     print(f"stopped after SIGTERM in {stop_s:.1f} s with {len(open_at_stop)} trial(s) open; resumed and completed both")
-    shutil.rmtree(ray_tmp, ignore_errors=True)  # kept when the test fails: Ray's logs are in there
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)  # kept when the test fails: Ray's logs are in there
+
+
+@pytest.mark.timeout(180)
+def test_stop_while_ray_starts_closes_the_parent_run(tmp_path: Path) -> None:
+    """SIGTERM in the seconds between the parent run's creation and Tune's start (Ray starting up):
+    the parent run ends KILLED, not RUNNING forever."""
+    proc, _ = start_scaling_run(tmp_path, tiny_spec("early-stop", trials=1), "--no-progress")
+    db = tmp_path / "mlflow.db"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and proc.poll() is None:  # study.json names the parent just before ray.init
+            infos = list((tmp_path / "studies").glob("*/study.json"))
+            if infos and "parent_run_id" in infos[0].read_text():
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert "trial" not in {r[2].get("scaling.role") for r in _runs(db).values()}  # no trial has started
+        proc.send_signal(signal.SIGTERM)
+        try:  # as `ray job stop` does: SIGKILL 3 s after SIGTERM
+            out, _ = proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0, out
+    assert _runs(db)["early-stop"][1] == "KILLED", out[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -568,3 +590,15 @@ def test_tracking_writer_buffers_retries_saves_and_replays(tmp_path: Path, capsy
             assert sorted(m.step for m in client.get_metric_history(kids[name].info.run_id, key)) == want, (name, key)
     assert kids["trial_0001"].data.params["temperature"] == "0.2"
     resumed.end_study(status="FINISHED")
+
+
+def test_unreachable_tracking_server_leaves_no_half_made_study(tmp_path: Path) -> None:
+    """MLflow down when a study starts: a clear error naming the server, and no study directory left
+    behind (nothing half-written) -- Ray never starts."""
+    from scaling.study import StudyError
+
+    spec = spec_from_dict(tiny_spec("no-mlflow", trials=1))
+    storage = tmp_path / "studies"
+    with pytest.raises(StudyError, match=r"cannot open the study's MLflow runs at http://127\.0\.0\.1:1"):
+        run_study(spec, storage=storage, tracking_uri="http://127.0.0.1:1", progress=False)
+    assert storage.is_dir() and not any(storage.iterdir())

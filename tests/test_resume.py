@@ -8,21 +8,17 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import write_token
+from tests.conftest import SCALING, start_scaling_run
 from tests.test_study import tiny_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-SCALING = str(Path(sys.executable).parent / "scaling")
 
 
 def finished_children(db: Path) -> set[str]:
@@ -48,15 +44,8 @@ def checkpoints(study_dir: Path, trial: str) -> list[str]:
 def test_killed_study_resumes_without_duplicates(tmp_path: Path) -> None:
     spec = tiny_spec("resumable", trials=4, epochs=3)
     spec["train"]["max_steps_per_epoch"] = 3
-    spec_path = tmp_path / "resumable.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
     db = tmp_path / "mlflow.db"
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # unix socket paths must stay short
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_AUTH_TOKEN_PATH": str(write_token(tmp_path / "token"))}
-    proc = subprocess.Popen(
-        [SCALING, "run", str(spec_path), "--storage", str(tmp_path / "studies"), "--tracking-uri", f"sqlite:///{db}"],
-        cwd=tmp_path, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    proc, env = start_scaling_run(tmp_path, spec)
     deadline = time.time() + 240
     while len(finished_children(db)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)

@@ -120,3 +120,29 @@ def test_every_loss_runs_in_a_study(ray_local: None, tmp_path: Path) -> None:
     rows = result.trials.to_pylist()
     assert sorted(r["loss"] for r in rows) == sorted(LOSS_NAMES)
     assert all(r["status"] == "completed" and r["train_loss"] is not None for r in rows), rows
+
+
+def test_asha_prunes_trials_and_their_driver_is_reused(ray_local: None, tmp_path: Path) -> None:
+    """ASHA stops trials mid-run; Tune reuses the stopped trial's driver actor for the next trial
+    (``reuse_actors``), which works only if the stopped trial's Ray Train run was aborted."""
+    import json
+
+    search = {"scheduler": {"kind": "asha", "grace_period": 1, "reduction_factor": 2}}
+    raw = tiny_spec("asha", trials=6, epochs=4, **search)
+    raw["resources"]["max_concurrent_trials"] = 1
+    result = run_study(spec_from_dict(raw), storage=tmp_path / "studies", tracking_uri=f"sqlite:///{tmp_path}/m.db",
+                       progress=False)
+
+    rows = result.trials.to_pylist()
+    statuses = [r["status"] for r in rows]
+    assert len(rows) == 6 and "failed" not in statuses, [(r["status"], r["failure_reason"]) for r in rows]
+    assert "pruned" in statuses and "completed" in statuses
+    last_epoch: dict[str, int] = {}
+    for c in result.curves.to_pylist():
+        last_epoch[c["trial_id"]] = max(last_epoch.get(c["trial_id"], 0), c["epoch"])
+    assert all((last_epoch[r["trial_id"]] < 4) == (r["status"] == "pruned") for r in rows)
+    # one trial at a time: every trial ran in the same (reused) trial-driver process
+    pids = set()
+    for trial_dir in (result.study_dir / "tune").glob("trial_*"):
+        pids |= {json.loads(line)["pid"] for line in (trial_dir / "result.json").read_text().splitlines()}
+    assert len(pids) == 1
