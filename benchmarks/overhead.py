@@ -14,7 +14,12 @@ studies, minus the bare loop's wall: what every trial of a study costs on top of
 study pays once (MLflow store and parent run, Tune set-up, Parquet export) is reported apart as
 ``study_fixed_s = T1 - per_trial_wall``. For scale, ``ray_floor_noop_fit_s`` is Ray Train's own
 cost for a worker function that does nothing (``fit()`` wall: controller start, worker-group start,
-teardown), measured in the same run. JSON in benchmarks/results/overhead.json.
+teardown), measured in the same run, and ``tune_ray_train_startup_s`` the medians of the start-up
+steps Ray Train's controller logs for the 3-trial study's runs (worker actors created, train context
+initialised -- mostly the worker importing torch --, worker group started). A study's trial drivers
+are reused from trial to trial (Tune ``reuse_actors``); every trial still starts a Ray Train
+controller and worker group, each a fresh process that imports torch. JSON in
+benchmarks/results/overhead.json.
 
 Run: ``python -m benchmarks.overhead`` (about 3 minutes on 2 cores).
 """
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -118,6 +125,25 @@ def with_tune(storage: str, trials: int) -> dict[str, float]:
     return {"total_s": total, "trials": trials, "per_step_s": per_step(first)}
 
 
+_STARTUP_STEPS = {  # Ray Train's controller log: where a worker group's start-up goes
+    "worker_actors_created_s": r"worker actors created in ([\d.]+)s",
+    "train_context_initialized_s": r"Train context initialized on workers in ([\d.]+)s",
+    "worker_group_startup_s": r"Worker group startup completed in ([\d.]+)s total",
+}
+
+
+def ray_train_breakdown(ray_tmp: str, since: float) -> dict[str, float]:
+    """Medians over the Ray Train runs started after ``since`` (epoch seconds) of the start-up steps
+    Ray's controller logs (its ``ray-train-sys-controller-*.log`` in the session directory)."""
+    logs = [p for p in Path(ray_tmp).glob("**/logs/train/ray-train-sys-controller-*.log") if p.stat().st_mtime >= since]
+    found: dict[str, list[float]] = {k: [] for k in _STARTUP_STEPS}
+    for path in logs:
+        text = path.read_text(errors="replace")
+        for key, pattern in _STARTUP_STEPS.items():
+            found[key] += [float(v) for v in re.findall(pattern, text)]
+    return {"runs": len(logs), **{k: statistics.median(v) for k, v in found.items() if v}}
+
+
 def main() -> None:
     from scaling.study import init_ray
 
@@ -128,7 +154,9 @@ def main() -> None:
     results["ray_floor"] = ray_floor(tmp)
     results["train"] = with_trainer(tmp)
     results["tune_1"] = with_tune(tmp, 1)
+    since = time.time()
     results["tune_3"] = with_tune(tmp, 3)
+    results["tune_3_ray_train_startup"] = ray_train_breakdown(os.environ["RAY_TMPDIR"], since)
     results["bare_again"] = bare()  # bracket the Ray runs: machine drift shows up here
     base = min(results["bare"]["per_step_s"], results["bare_again"]["per_step_s"])
     base_total = min(results["bare"]["total_s"], results["bare_again"]["total_s"])
@@ -143,6 +171,7 @@ def main() -> None:
         "fixed_startup_tune_s": per_trial_wall - base_total,
         "study_fixed_s": results["tune_1"]["total_s"] - per_trial_wall,
         "ray_floor_noop_fit_s": results["ray_floor"]["total_s"],
+        "tune_ray_train_startup_s": results["tune_3_ray_train_startup"],
         "targets": {"per_step_ratio": 1.03, "fixed_startup_s": 5.0},
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
