@@ -4,10 +4,13 @@ one paper-specific property each."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from scaling.losses import LossError, build_loss, infonce_loss, mochi_loss, sinkhorn, swav_loss
+from scaling.losses import swav as swav_module
 from scaling.losses._common import normalize
 
 TEMPERATURES = (0.05, 0.1, 0.5, 1.0)
@@ -129,10 +132,6 @@ def test_mochi_seeded_determinism_and_checkpoint() -> None:
     assert c(z).item() == a(z).item()
 
 
-# ---------------------------------------------------------------------------------------------
-# SwAV
-
-
 def authors_sinkhorn(out: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
     q = torch.exp(out / epsilon).t()
     b, k = q.shape[1], q.shape[0]
@@ -180,6 +179,31 @@ def test_swav_matches_authors_code(v: int, n: int, k: int, eps: float, iters: in
     torch.testing.assert_close(loss.prototypes.grad, ref_gp, rtol=1e-9, atol=1e-12)
 
 
+def test_swav_at_a_tiny_temperature_shifts_its_exponentials() -> None:
+    """At t = 1e-3 the float64 exponentials of s/t could overflow unshifted: the loss takes the
+    shifted path (row maxima) and still matches the authors' form."""
+    z = make_z(3, 16, 8, seed=9)
+    loss = build_loss("swav", temperature=1e-3, n_prototypes=10, dim=8).double()
+    p0 = unit(loss.prototypes.detach().clone())
+    zz = z.clone().requires_grad_(True)
+    value = loss(zz)
+    value.backward()
+
+    def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """swav_reference with log_softmax: log(softmax) underflows to -inf at this temperature."""
+        out = unit(a) @ b.t()
+        codes = [authors_sinkhorn(out[c].detach(), 0.05, 3) for c in (0, 1)]
+        log_p = torch.log_softmax(out / 1e-3, dim=-1)
+        return torch.stack([
+            torch.stack([-(codes[c] * log_p[w]).sum(-1).mean() for w in range(3) if w != c]).mean() for c in (0, 1)
+        ]).mean()
+
+    ref_value, ref_gz, ref_gp = grad_of(reference, z, p0)
+    torch.testing.assert_close(value.detach(), ref_value, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(zz.grad, ref_gz, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(loss.prototypes.grad, ref_gp, rtol=1e-7, atol=1e-9)
+
+
 def test_swav_n256() -> None:
     z = make_z(2, 256, 16, seed=1)
     loss = build_loss("swav", temperature=0.1, n_prototypes=64, dim=16).double()
@@ -210,6 +234,53 @@ def test_swav_loss_on_given_logits_matches_log_softmax_form(v: int) -> None:
     for a, b in zip(got, grad_of(reference, logits)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.equal(logits, kept)
+
+
+def test_swav_loss_with_one_code_view() -> None:
+    """With targets for view 0 only, view 0 is predicted by nobody: its gradient is zero."""
+    g = torch.Generator().manual_seed(7)
+    logits = 5 * torch.randn(3, 8, 6, generator=g, dtype=torch.float64)
+    codes = torch.rand(1, 8, 6, generator=g, dtype=torch.float64)
+
+    def reference(x: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(x, dim=-1)
+        return torch.stack([-(codes[0] * log_p[w]).sum(-1).mean() for w in (1, 2)]).mean()
+
+    value, grad = grad_of(lambda x: swav_loss(x, codes), logits)
+    ref_value, ref_grad = grad_of(reference, logits)
+    torch.testing.assert_close(value, ref_value, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
+    assert torch.equal(grad[0], torch.zeros_like(grad[0]))
+
+
+def test_swav_loss_shifts_only_logits_that_could_overflow() -> None:
+    """Moderate logits are exponentiated as they are; huge ones (float32 exp overflows past 88)
+    are shifted by their row maxima first — both give the log-softmax form."""
+    g = torch.Generator().manual_seed(11)
+    codes = torch.rand(2, 8, 6, generator=g)
+    for size in (5.0, 300.0):
+        logits = size * torch.randn(2, 8, 6, generator=g)
+
+        def reference(x: torch.Tensor) -> torch.Tensor:
+            log_p = torch.log_softmax(x.double(), dim=-1)
+            return torch.stack([-(codes[c].double() * log_p[1 - c]).sum(-1).mean() for c in (0, 1)]).mean()
+
+        value, grad = grad_of(lambda x: swav_loss(x, codes), logits)
+        ref_value, ref_grad = grad_of(reference, logits)
+        assert torch.isfinite(value) and torch.isfinite(grad).all()
+        torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=1e-5 * size)
+        torch.testing.assert_close(grad.double(), ref_grad.double(), rtol=1e-4, atol=1e-6)
+
+
+def test_sinkhorn_of_base2_scores_with_a_known_peak_and_row_sums() -> None:
+    """The loss's variant: scores * log2 e with scale 1/epsilon, the max given, row sums returned."""
+    g = torch.Generator().manual_seed(3)
+    embeddings = unit(torch.randn(48, 8, generator=g, dtype=torch.float64))
+    scores = embeddings @ unit(torch.randn(20, 8, generator=g, dtype=torch.float64)).T
+    base2 = scores / math.log(2.0)
+    codes, row_sums = swav_module._sinkhorn(base2, 1 / 0.05, 3, slice(8, 24), base2.max())
+    torch.testing.assert_close(codes, sinkhorn(scores, 0.05, 3)[8:24], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(row_sums, codes.sum(dim=1), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(("b", "k", "eps"), [(64, 8, 0.05), (32, 100, 0.1), (256, 16, 0.02)])
