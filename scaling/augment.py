@@ -153,7 +153,7 @@ class _Params(NamedTuple):
     perm: torch.Tensor  # (B,) index into _PERMS, 0 (identity) where the shuffle is off
 
 
-# Column layout of the single uniform draw behind _sample_params.
+# Row layout of the single uniform draw behind _sample_params.
 _C_AREA = slice(0, _CROP_ATTEMPTS)
 _C_RATIO = slice(_CROP_ATTEMPTS, 2 * _CROP_ATTEMPTS)
 _C_X, _C_Y, _C_FLIP, _C_JITTER, _C_B, _C_C, _C_S, _C_H, _C_GRAY, _C_BLUR, _C_SIGMA, _C_ROT, _C_SHUF, _C_PERM = range(
@@ -164,6 +164,26 @@ _N_UNIFORMS = 2 * _CROP_ATTEMPTS + 14
 _PERMS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 
 
+class _Tables(NamedTuple):
+    """Lookup tables of the colour ops."""
+
+    perms: torch.Tensor  # (6, 3) int64: _PERMS
+    luma: torch.Tensor  # (3,) _LUMA
+
+
+# Built once on the host, and copied once to each other device that uses them (a copy per call
+# would be a synchronising host-to-device transfer on a GPU).
+_TABLES = {torch.device("cpu"): _Tables(perms=torch.tensor(_PERMS), luma=torch.tensor(_LUMA))}
+
+
+def _tables(device: torch.device) -> _Tables:
+    """The lookup tables on ``device``."""
+    if device not in _TABLES:
+        cpu = _TABLES[torch.device("cpu")]
+        _TABLES[device] = _Tables(perms=cpu.perms.to(device), luma=cpu.luma.to(device))
+    return _TABLES[device]
+
+
 def _uniform(u: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return u * (high - low) + low
 
@@ -172,19 +192,23 @@ def _sample_params(
     batch: int, height: int, width: int, config: AugmentConfig, generator: torch.Generator | None,
     device: torch.device,
 ) -> _Params:
-    """Draw the parameters of ``batch`` views of ``height x width`` images from one uniform draw."""
-    u = torch.rand(batch, _N_UNIFORMS, generator=generator, device=device)
+    """Draw the parameters of ``batch`` views of ``height x width`` images from one uniform draw.
+
+    One row of uniforms per parameter (``_C_*``), so that the small ops below run on contiguous
+    rows (on strided columns of a (B, 34) draw they cost about twice as much).
+    """
+    u = torch.rand(_N_UNIFORMS, batch, generator=generator, device=device)
 
     # RandomResizedCrop: first of 10 (area, ratio) attempts that fits, else the centre-crop fallback.
-    area = _uniform(u[:, _C_AREA], *config.crop_scale) * (height * width)
+    area = _uniform(u[_C_AREA], *config.crop_scale).mul_(height * width)  # (attempts, B)
     log_lo, log_hi = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
-    aspect = torch.exp(_uniform(u[:, _C_RATIO], log_lo, log_hi))
-    w_try = torch.sqrt(area * aspect)
-    h_try = torch.sqrt(area / aspect)
-    fits = (w_try <= width) & (h_try <= height)
-    first = fits.float().argmax(dim=1, keepdim=True)  # argmax returns the first of equal maxima
-    w = w_try.gather(1, first).squeeze(1)
-    h = h_try.gather(1, first).squeeze(1)
+    aspect = _uniform(u[_C_RATIO], log_lo, log_hi).exp_()
+    w_try = torch.mul(area, aspect).sqrt_()
+    h_try = area.div_(aspect).sqrt_()
+    fits = (w_try <= width).logical_and_(h_try <= height)
+    any_fit, first = fits.byte().max(dim=0, keepdim=True)  # max returns the first of equal maxima
+    w = w_try.gather(0, first).squeeze(0)
+    h = h_try.gather(0, first).squeeze(0)
     in_ratio = width / height
     if in_ratio < config.crop_ratio[0]:
         fallback_w, fallback_h = float(width), width / config.crop_ratio[0]
@@ -192,37 +216,36 @@ def _sample_params(
         fallback_w, fallback_h = height * config.crop_ratio[1], float(height)
     else:
         fallback_w, fallback_h = float(width), float(height)
-    any_fit = fits.any(dim=1)
+    any_fit = any_fit.squeeze(0).bool()
     w = torch.where(any_fit, w, fallback_w)
     h = torch.where(any_fit, h, fallback_h)
     # Fitting boxes get a uniform position; the fallback is centred (position fraction 1/2).
-    x_frac = torch.where(any_fit, u[:, _C_X], 0.5)
-    y_frac = torch.where(any_fit, u[:, _C_Y], 0.5)
-    boxes = torch.stack((x_frac * (width - w), y_frac * (height - h), w, h), dim=1)
+    x_frac, y_frac = torch.where(any_fit, u[_C_X:_C_Y + 1], 0.5).unbind(dim=0)
+    boxes = torch.stack((x_frac.mul_(width - w), y_frac.mul_(height - h), w, h), dim=1)
 
-    jitter = u[:, _C_JITTER] < config.jitter_p
+    jitter = u[_C_JITTER] < config.jitter_p
     s = config.strength
 
-    def factor(column: int, magnitude: float) -> torch.Tensor:
+    def factor(row: int, magnitude: float) -> torch.Tensor:
         m = magnitude * s
-        value = _uniform(u[:, column], max(0.0, 1.0 - m), 1.0 + m)
+        value = _uniform(u[row], max(0.0, 1.0 - m), 1.0 + m)
         return torch.where(jitter, value, 1.0)
 
-    hue = torch.where(jitter, _uniform(u[:, _C_H], -config.hue * s, config.hue * s), 0.0)
-    blur = u[:, _C_BLUR] < config.blur_p
-    sigma = torch.where(blur, _uniform(u[:, _C_SIGMA], *config.blur_sigma), 0.0)
+    hue = torch.where(jitter, _uniform(u[_C_H], -config.hue * s, config.hue * s), 0.0)
+    blur = u[_C_BLUR] < config.blur_p
+    sigma = torch.where(blur, _uniform(u[_C_SIGMA], *config.blur_sigma), 0.0)
     return _Params(
         boxes=boxes,
-        flip=u[:, _C_FLIP] < config.flip_p,
+        flip=u[_C_FLIP] < config.flip_p,
         brightness=factor(_C_B, config.brightness),
         contrast=factor(_C_C, config.contrast),
         saturation=factor(_C_S, config.saturation),
         hue=hue,
-        grayscale=u[:, _C_GRAY] < config.grayscale_p,
+        grayscale=u[_C_GRAY] < config.grayscale_p,
         sigma=sigma,
-        angle=_uniform(u[:, _C_ROT], -1.0, 1.0) * math.radians(config.rotation),
-        perm=torch.where(u[:, _C_SHUF] < config.channel_shuffle_p,
-                         (u[:, _C_PERM] * 5).long().clamp_(max=4) + 1, 0),  # a non-identity permutation
+        angle=_uniform(u[_C_ROT], -1.0, 1.0).mul_(math.radians(config.rotation)),
+        perm=torch.where(u[_C_SHUF] < config.channel_shuffle_p,
+                         (u[_C_PERM] * 5).long().clamp_(max=4) + 1, 0),  # a non-identity permutation
     )
 
 
@@ -232,7 +255,8 @@ def _sample_params(
 # name ends in `_` write their result over `images` and return it: at 512 views of 32 x 32 px a
 # full-size temporary costs as much as the arithmetic (allocation plus first-touch page faults), so
 # the pipeline works in one buffer. No op copies data to or from the host (constants are Python
-# scalars or built on the device), so on a GPU the whole pass stays asynchronous.
+# scalars, or tables copied to a device once: `_tables`), so on a GPU the whole pass stays
+# asynchronous.
 
 
 def _centred_coordinates(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -334,26 +358,22 @@ def _luma(images: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
 def _blend_(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """In place: ``clamp(factor * images + (1 - factor) * other, 0, 1)``; factor is (B,).
 
-    ``other`` is (B, 1, H, W): one ``lerp_`` towards it. Or (B, 1, 1, 1): then it is folded into a
-    per-view offset first, because ternary ops with two per-view scalars (``lerp_``, ``addcmul_``)
-    miss the vectorised CPU kernels and run several times slower than ``mul_`` plus ``add_``.
+    ``other`` is (B, 1, H, W): one ``lerp_`` towards it. Or (B,): then it is folded into a per-view
+    offset first, because ternary ops with two per-view scalars (``lerp_``, ``addcmul_``) miss the
+    vectorised CPU kernels and run several times slower than ``mul_`` plus ``add_``.
     """
     f = factor.view(-1, 1, 1, 1)
-    if other.shape[-2:] == (1, 1):
-        return images.mul_(f).add_(other * (1 - f)).clamp_(0.0, 1.0)
+    if other.dim() == 1:
+        offset = torch.addcmul(other, other, factor, value=-1.0)  # (1 - factor) * other
+        return images.mul_(f).add_(offset.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
     return images.lerp_(other, 1 - f).clamp_(0.0, 1.0)
-
-
-def _adjust_brightness_(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """In place: torchvision's adjust_brightness with a per-view factor (B,)."""
-    return images.mul_(factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
 
 
 def _adjust_contrast_(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """In place: torchvision's adjust_contrast (blend with the mean luma) with a per-view factor (B,)."""
-    channel_means = images.mean(dim=(2, 3), keepdim=True)  # the mean luma is the luma of the means
-    mean = _luma(channel_means) if images.shape[1] == 3 else channel_means
-    return _blend_(images, mean, factor)
+    means = images.mean(dim=(2, 3))  # (B, C); the mean luma is the luma of the means
+    luma = means.mv(_tables(images.device).luma.to(images.dtype)) if images.shape[1] == 3 else means.view(-1)
+    return _blend_(images, luma, factor)
 
 
 def _adjust_saturation_(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -420,9 +440,7 @@ def _grayscale_(images: torch.Tensor, mask: torch.Tensor, order: torch.Tensor | 
     """
     if images.shape[1] == 1:
         return images
-    weights = None
-    if order is not None:  # the luma weight of each channel's source channel
-        weights = torch.where(order == 0, _LUMA[0], torch.where(order == 1, _LUMA[1], _LUMA[2]))
+    weights = None if order is None else _tables(images.device).luma[order]  # each source channel's weight
     return images.lerp_(_luma(images, weights), mask.to(images.dtype).view(-1, 1, 1, 1))
 
 
@@ -516,7 +534,7 @@ def _crop_views(images: torch.Tensor, params: _Params, views: int, size: int, co
 
     Brightness is a per-view factor on linear samples, so it rides along with the 1 / 255 of the
     uint8 -> [0, 1] conversion in one multiplication (``params.brightness`` is exactly 1 wherever
-    brightness is off); only the clamp of ``_adjust_brightness_`` is left to do.
+    brightness is off); only the clamp of torchvision's adjust_brightness is left to do.
     """
     angle = params.angle if config.rotation > 0 else None
     grid = _sampling_grid(params.boxes, params.flip, angle, size, *images.shape[-2:], views=views)
@@ -527,15 +545,8 @@ def _crop_views(images: torch.Tensor, params: _Params, views: int, size: int, co
 
 
 def _channel_order(perm: torch.Tensor) -> torch.Tensor:
-    """(B,) indices into ``_PERMS`` -> (B, 3): the source channel of each output channel.
-
-    Worked out on the device rather than indexing a copy of the table: permutation p (in the
-    lexicographic order of ``_PERMS``) sends output channel c to ``(a + s c) mod 3`` with
-    ``a = p // 2`` and ``s = (-1) ** (p + a)`` -- a rotation of RGB, mirrored where s = -1.
-    """
-    a = perm.div(2, rounding_mode="floor")
-    s = 1 - 2 * (perm + a).remainder(2)
-    return (a.view(-1, 1) + s.view(-1, 1) * torch.arange(3, device=perm.device)).remainder_(3)
+    """(B,) indices into ``_PERMS`` -> (B, 3): the source channel of each output channel."""
+    return _tables(perm.device).perms[perm]
 
 
 def _shuffle_channels(images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:

@@ -254,7 +254,6 @@ def test_crop_falls_back_to_centre_crop_when_no_attempt_fits() -> None:
 @pytest.mark.parametrize(
     ("op", "reference", "low", "high"),
     [
-        (A._adjust_brightness_, TF.adjust_brightness, 0.0, 2.0),
         (A._adjust_contrast_, TF.adjust_contrast, 0.0, 2.0),
         (A._adjust_saturation_, TF.adjust_saturation, 0.0, 2.0),
         (A._adjust_hue_, TF.adjust_hue, -0.5, 0.5),
@@ -270,13 +269,25 @@ def test_colour_op_matches_torchvision(op, reference, low: float, high: float) -
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("op", [A._adjust_brightness_, A._adjust_contrast_])
-def test_colour_op_on_one_channel_matches_torchvision(op) -> None:  # type: ignore[no-untyped-def]
+def test_contrast_on_one_channel_matches_torchvision() -> None:
     x = torch.rand(4, 1, 8, 8, generator=_gen())
     factors = _factors(4, 0.0, 2.0)
-    reference = TF.adjust_brightness if op is A._adjust_brightness_ else TF.adjust_contrast
-    expected = torch.stack([reference(x[i], float(f)) for i, f in enumerate(factors)])
-    torch.testing.assert_close(op(x.clone(), factors), expected, atol=1e-6, rtol=0)
+    expected = torch.stack([TF.adjust_contrast(x[i], float(f)) for i, f in enumerate(factors)])
+    torch.testing.assert_close(A._adjust_contrast_(x.clone(), factors), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_pipeline_brightness_matches_torchvision(channels: int) -> None:
+    # Brightness has no op of its own: it rides on the crop's uint8 -> [0, 1] scaling, clamped after.
+    # Only it is on, with factors in [0.1, 1.9], so that the clamp at 1 is exercised.
+    config = replace(OFF, jitter_p=1.0, brightness=0.9, contrast=0.0, saturation=0.0, hue=0.0)
+    x = _images(n=5, c=channels, size=16)
+    out = augment_views(x, 2, config, generator=_gen(4))
+    p = A._sample_params(2 * x.shape[0], 16, 16, config, _gen(4), x.device)
+    expected = torch.stack([TF.adjust_brightness(x[i % 5].float() / 255, float(f))
+                            for i, f in enumerate(p.brightness)])  # view-major: view i is image i % 5
+    torch.testing.assert_close(out.flatten(0, 1), expected, atol=1e-5, rtol=0)
+    assert (p.brightness > 1.2).any() and (out == 1).any()
 
 
 def test_grayscale_matches_torchvision() -> None:
