@@ -273,7 +273,7 @@ class ProgressCallback(tune.Callback):
         if self._best:
             value, name, cfg = self._best
             short = ", ".join(f"{k}={_fmt(v)}" for k, v in cfg.items())
-            table.add_row(f"best {self._spec.search.metric}", f"{value:.4f} ({name}: {short})")
+            table.add_row(f"best {self._spec.search.metric} (any epoch)", f"{value:.4f} ({name}: {short})")
         table.add_row("elapsed / ETA", f"{_hms(elapsed)} / {_hms(eta) if math.isfinite(eta) else '?'}")
         return table
 
@@ -299,7 +299,9 @@ class ProgressCallback(tune.Callback):
         self._update(trials)
         if not self._args[2]:
             done = 1 + sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial)
-            best = f"; best {self._spec.search.metric} {self._best[0]:.4f} ({self._best[1]})" if self._best else ""
+            best = ""
+            if self._best:  # the trials' tables and the summary keep each trial's final value instead
+                best = f"; best {self._spec.search.metric} at any epoch {self._best[0]:.4f} ({self._best[1]})"
             print(f"[scaling] trial {_trial_name(trial)} finished: {done}/{self._args[1]} done{best}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
