@@ -86,20 +86,9 @@ def _notes(*loads: float) -> str:
     )
 
 
-def _bare() -> Callable[[], None]:
-    g = torch.Generator().manual_seed(0)
-    h = torch.nn.functional.normalize(torch.randn(V * N, D, generator=g), dim=1).requires_grad_(True)
-    upstream = torch.randn(V * N, V * N, generator=g)
-
-    def step() -> None:
-        h.grad = None
-        (h @ h.T).backward(upstream)
-
-    return step
-
-
-def _bare_topk() -> Callable[[], None]:
-    """The bare matmul step plus mochi's irreducible extra: the top-k of every row of its output."""
+def _bare(topk: int = 0) -> Callable[[], None]:
+    """The bare similarity matmul forward + backward; with ``topk``, plus mochi's irreducible extra:
+    the top-k of every row of its output."""
     g = torch.Generator().manual_seed(0)
     h = torch.nn.functional.normalize(torch.randn(V * N, D, generator=g), dim=1).requires_grad_(True)
     upstream = torch.randn(V * N, V * N, generator=g)
@@ -107,7 +96,8 @@ def _bare_topk() -> Callable[[], None]:
     def step() -> None:
         h.grad = None
         s = h @ h.T
-        torch.topk(s.detach(), N_HARD, dim=1, sorted=True)
+        if topk:
+            torch.topk(s.detach(), topk, dim=1, sorted=True)
         s.backward(upstream)
 
     return step
@@ -154,7 +144,7 @@ def main() -> dict:
     torch.set_num_threads(THREADS)
     load_before = os.getloadavg()[0]
     bare = _bare()
-    fair = {"mochi": _bare_topk(), "swav": _bare_prototypes()}
+    fair = {"mochi": _bare(topk=N_HARD), "swav": _bare_prototypes()}
     steps = {name: _loss_step(name) for name in LOSS_NAMES}
     for fn in [bare, *fair.values(), *steps.values()]:
         for _ in range(WARMUP):

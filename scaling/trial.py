@@ -71,13 +71,12 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
 
 def _abort_when_stopped(trainer: Any, stopped: threading.Event, done: threading.Event) -> None:
     """Abort ``trainer``'s run once Tune stops the trial (its session's stop event), unless it ended."""
-    while not done.is_set():
-        if stopped.wait(timeout=0.2) and not done.is_set():
-            while not trainer.started and not done.is_set():  # stopped while fit() was starting up
-                time.sleep(0.05)
-            if not done.is_set():
-                trainer.abort()
-            return
+    while not (stopped.wait(timeout=0.2) or done.is_set()):
+        pass
+    while not (done.is_set() or trainer.started):  # stopped while fit() was still creating the run
+        time.sleep(0.05)
+    if not done.is_set():
+        trainer.abort()
 
 
 class NodeReportCallback(TuneReportCallback):
