@@ -17,9 +17,10 @@ cost for a worker function that does nothing (``fit()`` wall: controller start, 
 teardown), measured in the same run, and ``tune_ray_train_startup_s`` the medians of the start-up
 steps Ray Train's controller logs for the 3-trial study's runs (worker actors created, train context
 initialised -- mostly the worker importing torch --, worker group started). A study's trial drivers
-are reused from trial to trial (Tune ``reuse_actors``); every trial still starts a Ray Train
-controller and worker group, each a fresh process that imports torch. JSON in
-benchmarks/results/overhead.json.
+are reused from trial to trial (Tune ``reuse_actors``) and run each trial's Ray Train controller
+in-process (``scaling.trial.TrialTrainer``); every trial still starts a worker group, a fresh process
+per worker that imports torch. ``ray_floor`` and ``train`` use Ray's own ``TorchTrainer``, whose
+controller is a fresh actor. JSON in benchmarks/results/overhead.json.
 
 Run: ``python -m benchmarks.overhead`` (about 3 minutes on 2 cores).
 """
@@ -133,7 +134,7 @@ _STARTUP_STEPS = {  # Ray Train's controller log: where a worker group's start-u
 
 
 def ray_train_breakdown(ray_tmp: str, since: float) -> dict[str, float]:
-    """Medians over the Ray Train runs started after ``since`` (epoch seconds) of the start-up steps
+    """Medians over the Ray Train runs logged after ``since`` (epoch seconds) of the start-up steps
     Ray's controller logs (its ``ray-train-sys-controller-*.log`` in the session directory)."""
     logs = [p for p in Path(ray_tmp).glob("**/logs/train/ray-train-sys-controller-*.log") if p.stat().st_mtime >= since]
     found: dict[str, list[float]] = {k: [] for k in _STARTUP_STEPS}
@@ -141,7 +142,8 @@ def ray_train_breakdown(ray_tmp: str, since: float) -> dict[str, float]:
         text = path.read_text(errors="replace")
         for key, pattern in _STARTUP_STEPS.items():
             found[key] += [float(v) for v in re.findall(pattern, text)]
-    return {"runs": len(logs), **{k: statistics.median(v) for k, v in found.items() if v}}
+    # one log file per controller process: a trial driver's holds every run it drove
+    return {"runs": len(found["worker_group_startup_s"]), **{k: statistics.median(v) for k, v in found.items() if v}}
 
 
 def main() -> None:

@@ -1,14 +1,14 @@
-"""Layer 2 of a study: the Tune trainable that drives one trial's ``TorchTrainer``.
+"""Layer 2 of a study: the Tune trainable that drives one trial's Ray Train run.
 
-Apart from ``scaling.study`` and light on imports on purpose. Tune reuses a trial-driver actor from
-one trial to the next (``reuse_actors``), but every trial's ``fit()`` starts a fresh Ray Train
-controller, which unpickles ``NodeReportCallback`` and so imports this module: whatever is imported
-at the top of this module is paid on every trial's critical path. MLflow, Optuna, pyarrow, rich and
-the training code (``scaling.study``'s imports, about 1-2 s per process) are not needed here. The
-sampled config is merged into the spec's base by the worker (``scaling.worker.trial_config``).
+Apart from ``scaling.study`` and light on imports on purpose: MLflow, Optuna, pyarrow and rich
+(``scaling.study``'s imports, about 1-2 s per process) are not needed in a trial driver. Tune reuses
+a trial-driver actor from one trial to the next (``reuse_actors``), and each trial's Ray Train
+controller runs inside it (``TrialTrainer``), so what a trial driver imports is paid once per
+concurrent trial slot, not once per trial. The sampled config is merged into the spec's base by the
+worker (``scaling.worker.trial_config``).
 
 A reused driver must end the run of a trial that Tune stopped (ASHA) before the next one starts:
-``_abort_when_stopped`` watches the Tune session's stop event and aborts the run's controller.
+``_abort_when_stopped`` watches the Tune session's stop event and aborts the run.
 """
 
 from __future__ import annotations
@@ -19,7 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2.torch.torch_trainer import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
+
+from scaling.failures import NoRetryOnDeterministicFailure
 
 
 def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequence[str], workers: int,
@@ -30,7 +34,6 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
     import ray.tune
     from ray.train._internal.session import get_session
 
-    from scaling.failures import TrialTrainer  # a TorchTrainer that does not retry NaN / out of memory
     from scaling.worker import train_fn
 
     trial_name = ray.tune.get_context().get_trial_name()
@@ -77,6 +80,101 @@ def _abort_when_stopped(trainer: Any, stopped: threading.Event, done: threading.
         time.sleep(0.05)
     if not done.is_set():
         trainer.abort()
+
+
+class TrialAbortedError(RuntimeError):
+    """A trial's run ended by ``TrialTrainer.abort`` (Tune stopped the trial)."""
+
+
+class TrialTrainer(TorchTrainer):
+    """A ``TorchTrainer`` for one trial: its Ray Train controller runs in this process, deterministic
+    failures are not retried (``NoRetryOnDeterministicFailure``), and ``abort()`` works from another thread.
+
+    Ray's own ``fit`` starts the controller as a fresh actor: a new process that imports torch (to
+    unpickle ``TorchConfig``) and Ray Train's controller modules before it starts any worker -- about
+    2.5-3.4 s of every trial's start-up. A trial driver is a Ray actor already, reused from trial to
+    trial (Tune ``reuse_actors``) with all of that imported, so the controller runs here, on its own
+    event loop in ``fit``'s thread. It stays the same ``TrainController`` class: it creates and
+    watches the worker group, applies the failure policy and runs the callbacks; its placement-group
+    cleaner watches this actor instead, one for all the trials it drives (``_DriverPlacementGroupCleaner``).
+    Ray 2.60 has no public hook for any of this: ``_initialize_and_run_controller`` is where ``fit``
+    hands its arguments to the controller and ``_create_default_callbacks`` makes the cleaner's
+    callback. Check both on any Ray upgrade.
+    """
+
+    _controller: Any = None
+
+    def _create_default_callbacks(self) -> list[Any]:
+        return [_DriverPlacementGroupCleaner() if isinstance(c, PlacementGroupCleanerCallback) else c
+                for c in super()._create_default_callbacks()]
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
+        import asyncio
+
+        from ray.train.v2._internal.execution.controller import TrainController
+
+        controller_init_kwargs["failure_policy"] = NoRetryOnDeterministicFailure(self.run_config.failure_config)
+        loop = asyncio.new_event_loop()
+        try:
+            controller = TrainController(**controller_init_kwargs)
+            self._loop, self._run = loop, loop.create_task(controller.run())
+            self._controller = controller  # last: ``started`` tells abort() that the run can be cancelled
+            try:
+                loop.run_until_complete(self._run)
+            except asyncio.CancelledError:
+                _abort_in_place(controller)
+                raise TrialAbortedError("the trial was stopped and its run aborted") from None
+            return controller.get_result()
+        finally:
+            loop.close()
+
+    @property
+    def started(self) -> bool:
+        """Whether ``fit`` has created the run's controller (only then is there a run to abort)."""
+        return self._controller is not None
+
+    def abort(self) -> None:
+        """End the run from another thread: ``fit`` stops its workers and raises ``TrialAbortedError``."""
+        if self._controller is None:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._run.cancel)
+        except RuntimeError:
+            pass  # the loop is closed: the run has ended already
+
+
+class _DriverPlacementGroupCleaner(PlacementGroupCleanerCallback):
+    """Ray Train's placement-group cleaner, one per trial driver instead of one per run.
+
+    The cleaner is a detached actor that removes the run's placement group if the controller's actor
+    dies without removing it (Ray does not: a placement group outlives the actor that created it).
+    Here that actor is the trial driver, which runs one trial after another, so one cleaner watches
+    it for all of them: each run registers its placement group with it and leaves it running at the
+    end (a removed group is skipped). A cleaner per run costs a process start beside the run's worker
+    start-up and up to 1 s of its 1-s poll when it is stopped at the end of the run.
+    """
+
+    _shared: tuple[Any, str] | None = None  # this process's cleaner: (actor handle, watched actor id)
+
+    def after_controller_start(self, train_run_context: Any) -> None:
+        cls = _DriverPlacementGroupCleaner
+        if cls._shared is None:
+            super().after_controller_start(train_run_context)
+            if self._cleaner is not None:
+                cls._shared = (self._cleaner, self._controller_actor_id)
+        else:
+            self._cleaner, self._controller_actor_id = cls._shared
+
+    def _stop_cleaner(self) -> None:
+        self._cleaner = None  # it keeps watching this trial driver for the runs to come
+
+
+def _abort_in_place(controller: Any) -> None:
+    """Ray 2.60's ``TrainController.abort()`` without its ``exit_actor()``, which would end this actor:
+    the callbacks' abort hooks, then the worker group's abort (its workers and placement group)."""
+    controller._controller_callback_manager.invoke_best_effort("before_controller_abort")
+    if controller.get_worker_group() is not None:
+        controller.get_worker_group().abort()
 
 
 class NodeReportCallback(TuneReportCallback):

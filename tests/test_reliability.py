@@ -262,6 +262,88 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_local: None, tmp_path: Pa
     print(f"worker {killed['pid']} killed after epoch {killed['after_epoch']}; trial completed {epochs} epochs")
 
 
+
+def _controller_pids(before: set[str]) -> dict[str, int]:
+    """Run name -> pid of the process running its Ray Train controller, from the controller logs
+    started since ``before`` (with ``TrialTrainer`` that process is the trial's driver)."""
+    import ray._private.worker as worker
+
+    logs = Path(worker._global_node.get_session_dir_path()) / "logs" / "train"
+    pids = {}
+    for name in _train_logs("ray-train-sys-controller-*.log") - before:
+        for line in (logs / name).read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line being written
+                continue
+            pids[record["run_name"]] = record["process"]
+    return pids
+
+
+@pytest.mark.timeout(480)
+def test_killed_trial_driver_fails_its_trial_and_frees_its_workers(ray_local: None, tmp_path: Path) -> None:
+    """SIGKILL of a trial driver mid-trial -- the actor that runs the trial's Ray Train controller
+    (``scaling.trial.TrialTrainer``): that trial fails with the reason, the next trial runs in a new
+    driver, and nothing of the dead one is left: its worker is gone and its workers' placement group
+    removed (Ray keeps a placement group after the actor that made it dies; the driver's cleaner
+    removes it)."""
+    from ray.util import placement_group_table
+    from ray.util.state import list_actors
+
+    epochs = 6
+    raw = tiny_spec("driver-kill", trials=2, epochs=epochs, sampler="grid")
+    raw["search"]["space"] = {"seed": {"kind": "choice", "values": [0, 1]}}
+    raw["train"]["max_steps_per_epoch"] = 4
+    raw["resources"]["max_concurrent_trials"] = 1
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    killed: dict[str, Any] = {}
+
+    controllers_before = _train_logs("ray-train-sys-controller-*.log")
+
+    def kill_the_first_driver_after_epoch_1() -> None:
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                exp = client.search_experiments(filter_string="name = 'driver-kill'")[0].experiment_id
+                runs = client.search_runs([exp], filter_string="tags.`scaling.role` = 'trial'")
+            except Exception:  # the experiment or its tables are not there yet
+                continue
+            if not runs:
+                continue
+            done = len(client.get_metric_history(runs[0].info.run_id, "knn_top1"))
+            if done >= epochs:
+                return  # finished before we could kill: the test fails below
+            if done and (driver := _controller_pids(controllers_before)):
+                (pid,) = driver.values()
+                os.kill(pid, signal.SIGKILL)
+                killed.update(trial=runs[0].data.tags["scaling.trial_id"], pid=pid)
+                return
+
+    killer = threading.Thread(target=kill_the_first_driver_after_epoch_1, daemon=True)
+    killer.start()
+    result = run_study(spec_from_dict(raw), storage=tmp_path / "studies", tracking_uri=uri, progress=False)
+    killer.join(timeout=10)
+    assert killed, "the first trial finished before its driver could be killed"
+
+    rows = {r["trial_id"]: r for r in pq.read_table(result.study_dir / "trials.parquet").to_pylist()}
+    bad = rows.pop(killed["trial"])
+    (good,) = rows.values()
+    assert bad["status"] == "failed" and "died" in bad["failure_reason"], bad
+    assert good["status"] == "completed" and good["epochs_completed"] == epochs, good
+
+    # what the dead driver started is gone: no worker left, no placement group holding its CPU
+    deadline = time.monotonic() + 20  # the cleaner looks once a second
+    while time.monotonic() < deadline:
+        left = [v for v in placement_group_table().values() if v["state"] != "REMOVED"]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, left
+    assert not list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    print(f"trial driver {killed['pid']} killed; its trial failed with: {bad['failure_reason']}")
+
 # ---------------------------------------------------------------------------------------------
 # the tracking server goes away
 
