@@ -296,10 +296,6 @@ class StudyTracker:
             if not token:
                 break
 
-    def child_run(self, trial_id: str) -> str | None:
-        """The trial's run id, once the writer created (or found) it."""
-        return self._children.get(trial_id)
-
     def has_trial(self, trial_id: str) -> bool:
         """Whether ``start_trial`` was called for this trial in this process."""
         return trial_id in self._started
