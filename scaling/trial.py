@@ -7,8 +7,11 @@ controller runs inside it (``TrialTrainer``), so what a trial driver imports is 
 concurrent trial slot, not once per trial. The sampled config is merged into the spec's base by the
 worker (``scaling.worker.trial_config``).
 
-A reused driver must end the run of a trial that Tune stopped (ASHA) before the next one starts:
-``_abort_when_stopped`` watches the Tune session's stop event and aborts the run.
+A reused driver must end the run of a trial that Tune stopped (ASHA) before the next one starts.
+Tune ends a stopped trial at its next report (``ray.tune.report`` raises ``SystemExit`` in the
+trainable's thread, where the controller reports), and ``TrialTrainer`` then aborts the run; a trial
+stopped between reports (while its workers start, say) is aborted by ``_abort_when_stopped``, which
+watches the Tune session's stop event.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2.api.callback import UserCallback
 from ray.train.v2.torch.torch_trainer import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from scaling.failures import NoRetryOnDeterministicFailure
 
@@ -69,7 +72,6 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequenc
         raise
     finally:
         done.set()
-    _drain_train_reports()
 
 
 def _abort_when_stopped(trainer: Any, stopped: threading.Event, done: threading.Event) -> None:
@@ -124,6 +126,9 @@ class TrialTrainer(TorchTrainer):
             except asyncio.CancelledError:
                 _abort_in_place(controller)
                 raise TrialAbortedError("the trial was stopped and its run aborted") from None
+            except BaseException:  # also SystemExit: ray.tune.report ends a trial Tune stopped that way
+                _abort_in_place(controller)
+                raise
             return controller.get_result()
         finally:
             loop.close()
@@ -177,37 +182,28 @@ def _abort_in_place(controller: Any) -> None:
         controller.get_worker_group().abort()
 
 
-class NodeReportCallback(TuneReportCallback):
-    """Forwards rank 0's reports to Tune; the first carries ``derived.node_id`` (the trial driver's Ray node)."""
+class NodeReportCallback(UserCallback):
+    """Reports rank 0's metrics to Tune; the first report carries ``derived.node_id`` (the trial
+    driver's Ray node) and a report with a checkpoint its path (``checkpoint_path``), as Ray's
+    ``TuneReportCallback`` does.
+
+    Ray's callback runs in a controller actor of its own and relays each report through a queue
+    actor that the Tune session polls: one more process per trial, and a race when the trainable
+    returns while a report is still in the queue (the trial hangs RUNNING). The controller runs in
+    the trial driver here (``TrialTrainer``), on the thread that runs the trainable, so it reports
+    to Tune directly, as any Tune function does.
+    """
 
     def __init__(self, node_id: str) -> None:
-        super().__init__()
         self._node_id, self._sent = node_id, False
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not self._sent and metrics:
-            metrics = [{**metrics[0], "derived.node_id": self._node_id}, *metrics[1:]]
+        import ray.tune
+
+        result = dict(metrics[0])
+        if checkpoint:
+            result["checkpoint_path"] = checkpoint.path
+        if not self._sent:
+            result["derived.node_id"] = self._node_id
             self._sent = True
-        super().after_report(run_context, metrics, checkpoint)
-
-
-def _drain_train_reports(timeout_s: float = 120.0) -> None:
-    """Wait until Tune has taken every report Ray Train relayed to this trial.
-
-    Works around a race in Ray 2.60's Train-inside-Tune bridge: when the trainable returns while a
-    report still sits in the inter-actor queue, Tune's final "function returned" result fills the
-    one-slot result queue first and relaying the pending report then blocks forever (seen under
-    load: the trial stays RUNNING with its driver parked in ``Queue.put``).
-    """
-    from ray.train._internal.session import get_session
-
-    session = get_session()
-    queue = getattr(session, "_inter_actor_queue", None)
-    if session is None or queue is None:
-        return
-    deadline = time.monotonic() + timeout_s
-    quiet = 0
-    while time.monotonic() < deadline and quiet < 3:
-        idle = queue.empty() and session.result_queue.empty()
-        quiet = quiet + 1 if idle else 0
-        time.sleep(0.1)
+        ray.tune.report(result)
