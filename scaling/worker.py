@@ -5,8 +5,8 @@ Each worker trains its slice of every global batch (``scaling.loop``); every wor
 optimizer, loss state such as iSogCLR temperatures, RNG). On a restart the latest checkpoint is
 loaded with ``torch.load(weights_only=True)`` and training continues after its epoch.
 
-Imports of torch and the training code live inside the functions: Ray Train's controller actor
-unpickles ``train_fn`` (so imports this module) at the start of every trial, and it needs none of them.
+Imports of torch and the training code live inside the functions: the trial driver imports this
+module for ``train_fn`` (its Ray Train controller ships it to the workers) and needs none of them.
 """
 
 from __future__ import annotations
