@@ -113,8 +113,12 @@ class TrialTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
         import asyncio
 
+        import ray
         from ray.train.v2._internal.execution.controller import TrainController
 
+        if ray.get_runtime_context().get_actor_id() is None:  # its placement-group cleaner watches an actor
+            raise RuntimeError("TrialTrainer runs its Ray Train controller inside the calling Ray actor (a Tune "
+                               "trial driver); outside an actor use ray.train.torch.TorchTrainer")
         controller_init_kwargs["failure_policy"] = NoRetryOnDeterministicFailure(self.run_config.failure_config)
         loop = asyncio.new_event_loop()
         try:

@@ -280,6 +280,20 @@ def _controller_pids(before: set[str]) -> dict[str, int]:
     return pids
 
 
+def test_trial_trainer_refuses_to_run_outside_an_actor(ray_local: None, tmp_path: Path) -> None:
+    """TrialTrainer's controller runs in the calling actor and its placement-group cleaner watches that
+    actor: from a plain driver process it refuses at once, before any worker starts."""
+    import ray.train
+
+    from scaling.trial import TrialTrainer
+
+    trainer = TrialTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                           run_config=ray.train.RunConfig(name="outside", storage_path=str(tmp_path)))
+    with pytest.raises(RuntimeError, match="inside the calling Ray actor"):
+        trainer.fit()
+    assert not trainer.started
+
+
 @pytest.mark.timeout(480)
 def test_killed_trial_driver_fails_its_trial_and_frees_its_workers(ray_local: None, tmp_path: Path) -> None:
     """SIGKILL of a trial driver mid-trial -- the actor that runs the trial's Ray Train controller
