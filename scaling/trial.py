@@ -16,13 +16,19 @@ watches the Tune session's stop event.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import ray.tune
+from ray.train._internal.session import get_session
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.callback import UserCallback
 from ray.train.v2.torch.torch_trainer import TorchTrainer
 
@@ -32,11 +38,6 @@ from scaling.failures import NoRetryOnDeterministicFailure
 def trial_driver(config: dict[str, Any], *, base: dict[str, Any], names: Sequence[str], workers: int,
                  cpus_per_worker: float, gpus_per_worker: float, train_storage: str, failures: int) -> None:
     """Tune trainable: one TorchTrainer for one sampled config; rank 0's reports flow to Tune."""
-    import ray
-    import ray.train
-    import ray.tune
-    from ray.train._internal.session import get_session
-
     from scaling.worker import train_fn
 
     trial_name = ray.tune.get_context().get_trial_name()
@@ -104,18 +105,13 @@ class TrialTrainer(TorchTrainer):
     callback. Check both on any Ray upgrade.
     """
 
-    _controller: Any = None
+    _run: asyncio.Task | None = None  # the controller's run, once ``fit`` has created it
 
     def _create_default_callbacks(self) -> list[Any]:
         return [_DriverPlacementGroupCleaner() if isinstance(c, PlacementGroupCleanerCallback) else c
                 for c in super()._create_default_callbacks()]
 
     def _initialize_and_run_controller(self, **controller_init_kwargs: Any) -> Any:
-        import asyncio
-
-        import ray
-        from ray.train.v2._internal.execution.controller import TrainController
-
         if ray.get_runtime_context().get_actor_id() is None:  # its placement-group cleaner watches an actor
             raise RuntimeError("TrialTrainer runs its Ray Train controller inside the calling Ray actor (a Tune "
                                "trial driver); outside an actor use ray.train.torch.TorchTrainer")
@@ -123,8 +119,8 @@ class TrialTrainer(TorchTrainer):
         loop = asyncio.new_event_loop()
         try:
             controller = TrainController(**controller_init_kwargs)
-            self._loop, self._run = loop, loop.create_task(controller.run())
-            self._controller = controller  # last: ``started`` tells abort() that the run can be cancelled
+            self._loop = loop
+            self._run = loop.create_task(controller.run())  # last: ``started`` tells abort() it can cancel
             try:
                 loop.run_until_complete(self._run)
             except asyncio.CancelledError:
@@ -140,11 +136,11 @@ class TrialTrainer(TorchTrainer):
     @property
     def started(self) -> bool:
         """Whether ``fit`` has created the run's controller (only then is there a run to abort)."""
-        return self._controller is not None
+        return self._run is not None
 
     def abort(self) -> None:
         """End the run from another thread: ``fit`` stops its workers and raises ``TrialAbortedError``."""
-        if self._controller is None:
+        if self._run is None:
             return
         try:
             self._loop.call_soon_threadsafe(self._run.cancel)
@@ -188,8 +184,7 @@ def _abort_in_place(controller: Any) -> None:
 
 class NodeReportCallback(UserCallback):
     """Reports rank 0's metrics to Tune; the first report carries ``derived.node_id`` (the trial
-    driver's Ray node) and a report with a checkpoint its path (``checkpoint_path``), as Ray's
-    ``TuneReportCallback`` does.
+    driver's Ray node).
 
     Ray's callback runs in a controller actor of its own and relays each report through a queue
     actor that the Tune session polls: one more process per trial, and a race when the trainable
@@ -202,11 +197,7 @@ class NodeReportCallback(UserCallback):
         self._node_id, self._sent = node_id, False
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        import ray.tune
-
         result = dict(metrics[0])
-        if checkpoint:
-            result["checkpoint_path"] = checkpoint.path
         if not self._sent:
             result["derived.node_id"] = self._node_id
             self._sent = True
